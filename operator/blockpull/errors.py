@@ -1,0 +1,125 @@
+"""The one exception tree of BlockPull.
+
+Every error the engine, the CLI and the agent raise on purpose is a `BlockPullError`. It is
+either *transient* (waiting is not failing: the VM is not there yet, QEMU does not answer, the
+disk is busy; try again later) or *permanent* (the request can never succeed as written, or the
+job itself failed). Each carries the `reason` that the BlockPull status uses, so the agent maps
+errors to conditions in one place (`blockpull.agent.outcome`) and the CLI prints one clear line.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class BlockPullError(Exception):
+    """Root of every error BlockPull raises on purpose."""
+
+    #: CamelCase reason used in conditions and Events.
+    reason: ClassVar[str] = "Error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class TransientError(BlockPullError):
+    """The request may succeed later without any change to it: retry with backoff."""
+
+
+class PermanentError(BlockPullError):
+    """Retrying the same request cannot help."""
+
+
+# --- transient -----------------------------------------------------------------------------
+
+
+class VMNotFound(TransientError):
+    """The VM's QMP socket does not exist (yet)."""
+
+    reason = "WaitingForVM"
+
+
+class QEMUUnavailable(TransientError):
+    """The socket exists but QEMU does not answer, refuses, or went away."""
+
+    reason = "QEMUUnavailable"
+
+
+class QMPTimeout(QEMUUnavailable):
+    """A connect or a command did not complete within its bounded timeout."""
+
+
+class Disconnected(QEMUUnavailable):
+    """The QMP connection dropped (QEMU exited, was killed, or closed the monitor)."""
+
+
+class DiskBusy(TransientError):
+    """Another block job holds a node of the disk's chain."""
+
+    reason = "DiskBusy"
+
+
+class InspectionUnsafe(TransientError):
+    """Listing block nodes now could crash QEMU 7.2 (a stream job may be concluding).
+
+    QEMU 7.2 dies with SIGSEGV on `query-named-block-nodes` while a stream job is concluded and
+    not yet dismissed. We never send it while a stream job could reach that state.
+    """
+
+    reason = "QEMUUnavailable"
+
+
+# --- permanent -----------------------------------------------------------------------------
+
+
+class InvalidSpec(PermanentError):
+    """The request itself is malformed (bad name, bad bandwidth, bad template...)."""
+
+    reason = "InvalidSpec"
+
+
+class DiskNotFound(PermanentError):
+    """QEMU has no disk by that name."""
+
+    reason = "DiskNotFound"
+
+
+class BaseNotInChain(PermanentError):
+    """The requested base is not an image below the disk."""
+
+    reason = "BaseNotInChain"
+
+
+class JobFailed(PermanentError):
+    """The block job ended with an error; the message is QEMU's own text."""
+
+    reason = "IOError"
+
+
+class JobNotFound(PermanentError):
+    """QEMU has no job with that id."""
+
+    reason = "JobNotFound"
+
+
+class VMExited(PermanentError):
+    """QEMU went away while the job ran and did not come back."""
+
+    reason = "VMExited"
+
+
+class DeadlineExceeded(PermanentError):
+    """The job ran past its deadline and was cancelled."""
+
+    reason = "DeadlineExceeded"
+
+
+class CommandFailed(PermanentError):
+    """QEMU rejected a command for a reason that has no more specific class."""
+
+    reason = "QEMUError"
+
+    def __init__(self, message: str, error_class: str = "GenericError") -> None:
+        super().__init__(message)
+        self.error_class = error_class
