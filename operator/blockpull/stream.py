@@ -54,6 +54,8 @@ class Progress:
     paused: bool
     io_status: str
     error: str | None
+    #: QEMU's job type (`stream`, `mirror`, `commit`, `backup`...); `query-jobs` lists them all.
+    job_type: str = ""
 
     @property
     def percent(self) -> float:
@@ -179,6 +181,7 @@ async def find_job(conn: QMPConnection, job_id: str) -> Progress | None:
         paused=bool(block_job.get("paused", job["status"] == "paused")),
         io_status=str(block_job.get("io-status", "ok")),
         error=_str_or_none(job.get("error")),
+        job_type=str(job.get("type", block_job.get("type", ""))),
     )
 
 

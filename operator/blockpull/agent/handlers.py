@@ -1,0 +1,81 @@
+"""The kopf edge: thin handlers that hand Kubernetes events to the `Agent`.
+
+Owns: which objects this agent sees (only its node's, filtered by the API server), the kopf
+settings that keep agents of different nodes out of each other's way, and mapping the error
+tree onto kopf's temporary/permanent errors.
+
+Choices that matter:
+- `on.event` (not create/update/resume) feeds the agent: it writes no kopf annotations, so
+  wiping them (`kubectl replace`) or re-applying a manifest changes nothing; the outcome lives
+  in `.status`, which only the agent writes.
+- `on.delete` only while the object is unfinished: kopf then adds its finalizer only to objects
+  the agent may still have to act on, and removes it once the outcome is recorded, so deleting a
+  finished BlockPull never waits for an agent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+
+from blockpull.agent import status as st
+from blockpull.agent.kube import GROUP, PLURAL, VERSION
+from blockpull.agent.manager import Agent
+from blockpull.agent.settings import AgentSettings
+from blockpull.errors import PermanentError, TransientError
+
+FINALIZER = "blockpull.dev/agent"
+RESOURCE = (GROUP, VERSION, PLURAL)
+
+
+def configure(settings: kopf.OperatorSettings, agent_settings: AgentSettings) -> None:
+    # One agent per node, never paused by peering with the others.
+    settings.peering.standalone = True
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="blockpull.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="blockpull.dev", key="last-handled-configuration"
+    )
+    # The API server sends this agent only its node's objects (CRD selectableFields), so
+    # agents never see, let alone patch, each other's objects or finalizers.
+    settings.watching.field_selectors[f"{GROUP}/{PLURAL}"] = f"spec.nodeName={agent_settings.node_name}"
+    settings.posting.level = logging.WARNING
+    settings.networking.request_timeout = 60
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+
+
+def _unfinished(status: kopf.Status, **_: Any) -> bool:
+    return not st.is_terminal(status)
+
+
+def build_registry(get_agent: Callable[[], Agent], agent_settings: AgentSettings) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings, agent_settings)
+
+    @kopf.on.event(*RESOURCE, registry=registry)
+    def observe(body: kopf.Body, type: str | None, **_: Any) -> None:
+        if type == "DELETED":
+            return
+        get_agent().observe(body)
+
+    @kopf.on.delete(*RESOURCE, registry=registry, when=_unfinished)
+    async def abort(body: kopf.Body, **_: Any) -> None:
+        try:
+            await get_agent().delete(body)
+        except TransientError as exc:
+            raise kopf.TemporaryError(exc.message, delay=2) from exc
+        except PermanentError as exc:
+            raise kopf.PermanentError(exc.message) from exc
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await get_agent().shutdown()
+
+    return registry

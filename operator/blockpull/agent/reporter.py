@@ -1,0 +1,89 @@
+"""Writing one object's status and Events: throttled progress, immediate transitions.
+
+Owns: the object's current `.status` as the agent last wrote it, the rule "at most one progress
+write per interval, every transition at once", retries of status writes, and the guard that a
+terminal status is never overwritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from blockpull.agent import status as st
+from blockpull.agent.kube import Gone, KubeAPI, KubeAPIError, ObjectRef
+
+log = logging.getLogger(__name__)
+_WRITE_ATTEMPTS = 6
+
+
+class ObjectReporter:
+    def __init__(
+        self,
+        kube: KubeAPI,
+        ref: ObjectRef,
+        *,
+        node_name: str,
+        interval: float,
+        status: Mapping[str, Any] | None,
+        generation: Callable[[], int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._kube = kube
+        self._ref = ref
+        self._node_name = node_name
+        self._interval = interval
+        self._status: dict[str, Any] = dict(status or {})
+        self._generation = generation
+        self._clock = clock
+        self._last_write = float("-inf")
+
+    @property
+    def status(self) -> Mapping[str, Any]:
+        return self._status
+
+    async def transition(self, view: st.StatusView) -> None:
+        await self._write(view)
+
+    async def progress(self, view: st.StatusView) -> None:
+        if self._clock() - self._last_write < self._interval:
+            return  # the next poll after the interval carries fresher numbers anyway
+        await self._write(view)
+
+    async def event(self, kind: str, reason: str, message: str) -> None:
+        await self._kube.post_event(self._ref, kind, reason, message)
+
+    async def _write(self, view: st.StatusView) -> None:
+        if st.is_terminal(self._status):
+            log.warning("%s: not overwriting the recorded outcome with phase %s", self._ref, view.phase)
+            return
+        new = st.build_status(
+            self._status, view, generation=self._generation(), now=st.now_rfc3339(), node_name=self._node_name
+        )
+        delay = 0.2
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                await self._kube.patch_status(self._ref, _with_removals(self._status, new))
+                break
+            except Gone:
+                raise
+            except KubeAPIError as exc:
+                if attempt == _WRITE_ATTEMPTS - 1:
+                    raise
+                log.warning("%s: status write failed (%s); retrying in %.1fs", self._ref, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._status = new
+        self._last_write = self._clock()
+
+
+def _with_removals(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    # A JSON merge patch keeps keys it does not mention; null removes them.
+    patch: dict[str, Any] = dict(new)
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch

@@ -1,0 +1,136 @@
+"""The node agent's configuration: read once from the environment, refused at start if wrong.
+
+Owns: every knob the agent has, its default, and the check that makes a bad value fail fast
+with one clear line instead of misbehaving later.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from blockpull.errors import InvalidSpec
+
+DEFAULT_SOCKET_TEMPLATE = "/run/blockpull/{namespace}/{vm}.qmp"
+#: sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+@dataclass(frozen=True)
+class SocketTemplate:
+    """Where a VM's QMP socket lives: only `{namespace}` and `{vm}` are substituted.
+
+    The directory before the first placeholder is fixed; no substitution may lead outside it.
+    """
+
+    template: str
+
+    def __post_init__(self) -> None:
+        names = _PLACEHOLDER.findall(self.template)
+        if not os.path.isabs(self.template):
+            raise InvalidSpec(f"socket template {self.template!r} must be an absolute path")
+        if sorted(set(names)) != ["namespace", "vm"] or self.template.count("{") != len(names):
+            raise InvalidSpec(
+                f"socket template {self.template!r} must contain {{namespace}} and {{vm}} "
+                "and no other placeholder"
+            )
+        if ".." in self.template.split("/"):
+            raise InvalidSpec(f"socket template {self.template!r} must not contain '..'")
+        if os.path.dirname(self.fixed_directory) == self.fixed_directory:
+            raise InvalidSpec(f"socket template {self.template!r} must start with a fixed directory")
+        # The longest legal names must still fit a unix socket path.
+        longest = self.template.replace("{namespace}", "n" * 63).replace("{vm}", "v" * 63)
+        if len(longest.encode()) > MAX_SOCKET_PATH_BYTES:
+            raise InvalidSpec(
+                f"socket template {self.template!r} gives paths up to {len(longest.encode())} bytes "
+                f"for 63-character names; unix sockets allow {MAX_SOCKET_PATH_BYTES}"
+            )
+
+    @property
+    def fixed_directory(self) -> str:
+        prefix = self.template.split("{", 1)[0]
+        return prefix if prefix.endswith("/") else os.path.dirname(prefix) + "/"
+
+    def path_for(self, namespace: str, vm: str) -> str:
+        for what, value in (("namespace", namespace), ("vm", vm)):
+            if not DNS1123_LABEL.match(value):
+                raise InvalidSpec(f"{what} {value!r} is not a DNS-1123 label")
+        path = self.template.format(namespace=namespace, vm=vm)
+        normalized = os.path.normpath(path)
+        if not normalized.startswith(self.fixed_directory):
+            raise InvalidSpec(f"socket path {path!r} leaves {self.fixed_directory}")
+        if len(normalized.encode()) > MAX_SOCKET_PATH_BYTES:
+            raise InvalidSpec(f"socket path {path!r} is longer than {MAX_SOCKET_PATH_BYTES} bytes")
+        return normalized
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    node_name: str
+    socket_template: SocketTemplate
+    watch_namespace: str | None = None
+    #: At most one progress write per object per interval (transitions are written at once).
+    status_interval: float = 2.0
+    #: How often a running job's progress is read from QEMU.
+    poll_interval: float = 1.0
+    connect_timeout: float = 5.0
+    command_timeout: float = 10.0
+    #: Bounded wait for QEMU to confirm a cancel on delete before the finalizer goes anyway.
+    delete_timeout: float = 30.0
+    #: How long a VM may be gone mid-job before the pull fails with VMExited.
+    vm_gone_grace: float = 60.0
+    #: Backoff ceiling while Pending (VM missing, QEMU unavailable, disk busy).
+    pending_backoff_max: float = 5.0
+    liveness_port: int | None = 8080
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AgentSettings:
+        env = os.environ if env is None else env
+        node = env.get("NODE_NAME", "").strip()
+        if not node:
+            raise InvalidSpec(
+                "NODE_NAME is required: the node this agent serves (downward API spec.nodeName)"
+            )
+        if not DNS1123_SUBDOMAIN.match(node):
+            raise InvalidSpec(f"NODE_NAME {node!r} is not a valid node name")
+        namespace = env.get("BLOCKPULL_WATCH_NAMESPACE", "").strip() or None
+        if namespace is not None and not DNS1123_LABEL.match(namespace):
+            raise InvalidSpec(f"BLOCKPULL_WATCH_NAMESPACE {namespace!r} is not a DNS-1123 label")
+        port = env.get("BLOCKPULL_LIVENESS_PORT", "8080").strip()
+        return cls(
+            node_name=node,
+            socket_template=SocketTemplate(env.get("BLOCKPULL_SOCKET_TEMPLATE", DEFAULT_SOCKET_TEMPLATE)),
+            watch_namespace=namespace,
+            status_interval=_seconds(env, "BLOCKPULL_STATUS_INTERVAL", 2.0),
+            poll_interval=_seconds(env, "BLOCKPULL_POLL_INTERVAL", 1.0),
+            connect_timeout=_seconds(env, "BLOCKPULL_CONNECT_TIMEOUT", 5.0),
+            command_timeout=_seconds(env, "BLOCKPULL_COMMAND_TIMEOUT", 10.0),
+            delete_timeout=_seconds(env, "BLOCKPULL_DELETE_TIMEOUT", 30.0),
+            vm_gone_grace=_seconds(env, "BLOCKPULL_VM_GONE_GRACE", 60.0),
+            pending_backoff_max=_seconds(env, "BLOCKPULL_PENDING_BACKOFF_MAX", 5.0),
+            liveness_port=None if port in ("", "0", "off") else _port(port),
+        )
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidSpec(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise InvalidSpec(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def _port(raw: str) -> int:
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise InvalidSpec(f"BLOCKPULL_LIVENESS_PORT must be a TCP port, got {raw!r}")
+    return int(raw)
