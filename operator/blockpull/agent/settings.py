@@ -43,12 +43,14 @@ class SocketTemplate:
             raise InvalidSpec(f"socket template {self.template!r} must not contain '..'")
         if os.path.dirname(self.fixed_directory) == self.fixed_directory:
             raise InvalidSpec(f"socket template {self.template!r} must start with a fixed directory")
-        # The longest legal names must still fit a unix socket path.
-        longest = self.template.replace("{namespace}", "n" * 63).replace("{vm}", "v" * 63)
-        if len(longest.encode()) > MAX_SOCKET_PATH_BYTES:
+        # The fixed part must leave room for names (checked per object in `path_for` too:
+        # 63+63-character names do not fit the default template's 107 bytes, and the error
+        # then names the object instead of stopping the whole agent).
+        shortest = self.template.replace("{namespace}", "n" * 8).replace("{vm}", "v" * 8)
+        if len(shortest.encode()) > MAX_SOCKET_PATH_BYTES:
             raise InvalidSpec(
-                f"socket template {self.template!r} gives paths up to {len(longest.encode())} bytes "
-                f"for 63-character names; unix sockets allow {MAX_SOCKET_PATH_BYTES}"
+                f"socket template {self.template!r} leaves no room for names: unix socket paths "
+                f"allow {MAX_SOCKET_PATH_BYTES} bytes"
             )
 
     @property

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian 12 machine for BlockPull: QEMU, kubectl, and a virtualenv (.venv) with
+# the project and its test tools. Idempotent: re-running only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=()
+command -v qemu-system-x86_64 >/dev/null || packages+=(qemu-system-x86)
+command -v qemu-img >/dev/null || packages+=(qemu-utils)
+command -v kubectl >/dev/null || packages+=(kubernetes-client)
+if ((${#packages[@]})); then
+    echo "setup: installing ${packages[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null || python=python3
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    touch .venv/.installed
+fi
