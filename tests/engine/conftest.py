@@ -30,7 +30,9 @@ class VM:
     socket: str
     chain: Chain
     node_names: list[str] = field(default_factory=list)  # format nodes, bottom first
-    spare_socket: str | None = None  # a second monitor, for watching while the code under test holds the first
+    spare_socket: str | None = (
+        None  # a second monitor, for watching while the code under test holds the first
+    )
     stopped: bool = False  # stopped or killed on purpose by the test
 
     @property
@@ -46,7 +48,9 @@ class VM:
         self.proc.send_signal(sig)
 
 
-def blockdev_args(chain: Chain, *, prefix: str = "d0", blkdebug: dict[int, list[dict[str, Any]]] | None = None) -> tuple[list[str], list[str]]:
+def blockdev_args(
+    chain: Chain, *, prefix: str = "d0", blkdebug: dict[int, list[dict[str, Any]]] | None = None
+) -> tuple[list[str], list[str]]:
     """libvirt-style -blockdev: a file node and a format node per image, backing by reference."""
     args: list[str] = []
     names: list[str] = []
@@ -56,9 +60,22 @@ def blockdev_args(chain: Chain, *, prefix: str = "d0", blkdebug: dict[int, list[
         child = file_node
         if blkdebug and index in blkdebug:
             child = f"{prefix}-dbg{index}"
-            args += ["-blockdev", json.dumps({"driver": "blkdebug", "node-name": child, "image": file_node, "inject-error": blkdebug[index]})]
+            args += [
+                "-blockdev",
+                json.dumps(
+                    {
+                        "driver": "blkdebug",
+                        "node-name": child,
+                        "image": file_node,
+                        "inject-error": blkdebug[index],
+                    }
+                ),
+            ]
         backing = names[-1] if names else None
-        args += ["-blockdev", json.dumps({"driver": "qcow2", "node-name": fmt_node, "file": child, "backing": backing})]
+        args += [
+            "-blockdev",
+            json.dumps({"driver": "qcow2", "node-name": fmt_node, "file": child, "backing": backing}),
+        ]
         names.append(fmt_node)
     return args, names
 
@@ -72,7 +89,14 @@ async def start_vm(
     spare_monitor: bool = False,
 ) -> VM:
     socket = str(workdir / "qmp.sock")
-    argv = ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-qmp", f"unix:{socket},server=on,wait=off"]
+    argv = [
+        "qemu-system-x86_64",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-qmp",
+        f"unix:{socket},server=on,wait=off",
+    ]
     names: list[str] = []
     if mode == "blockdev":
         argv += ["-M", "none"]
@@ -89,7 +113,12 @@ async def start_vm(
     spare = None
     if spare_monitor:
         spare = str(workdir / "spare.sock")
-        argv += ["-chardev", f"socket,id=spare,path={spare},server=on,wait=off", "-mon", "chardev=spare,mode=control"]
+        argv += [
+            "-chardev",
+            f"socket,id=spare,path={spare},server=on,wait=off",
+            "-mon",
+            "chardev=spare,mode=control",
+        ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     vm = VM(proc, socket, chain, names, spare)
     # The socket appears before -blockdev is parsed; ready means QEMU answers a command.

@@ -50,7 +50,11 @@ async def test_pull_to_a_base_keeps_the_relative_name(
     outcome = await pull(conn, vm.top_node, base=base)
     assert outcome.ok
     chain = await read_chain(conn, vm.top_node)
-    assert [image.node_name for image in chain.images] == [vm.node_names[3], vm.node_names[1], vm.node_names[0]]
+    assert [image.node_name for image in chain.images] == [
+        vm.node_names[3],
+        vm.node_names[1],
+        vm.node_names[0],
+    ]
     stop_vm(vm)
     # Recorded exactly as the image above the base recorded it: relative stays relative.
     assert backing_of(chain4.top) == chain4.images[1].name
@@ -100,7 +104,9 @@ async def test_unknown_disk_and_base_not_in_chain(vm: VM, conn: QMPConnection, w
     with pytest.raises(DiskNotFound, match="no disk 'nope'"):
         await stream.start_stream(conn, stream.StreamRequest(disk="nope", job_id="j1"))
     with pytest.raises(BaseNotInChain, match="not in the backing chain"):
-        await stream.start_stream(conn, stream.StreamRequest(disk=vm.top_node, job_id="j1", base="/images/other.qcow2"))
+        await stream.start_stream(
+            conn, stream.StreamRequest(disk=vm.top_node, job_id="j1", base="/images/other.qcow2")
+        )
     with pytest.raises(BaseNotInChain, match="the disk .* itself"):
         await stream.start_stream(conn, stream.StreamRequest(disk=vm.top_node, job_id="j1", base=vm.top_node))
     assert await stream.list_jobs(conn) == []
@@ -262,7 +268,9 @@ async def test_qemu_killed_mid_pull(vm: VM, conn: QMPConnection, chain4: Chain, 
     assert conn.closed
 
 
-async def test_completed_pull_is_durable_even_if_qemu_is_killed_after(vm: VM, conn: QMPConnection, chain4: Chain) -> None:
+async def test_completed_pull_is_durable_even_if_qemu_is_killed_after(
+    vm: VM, conn: QMPConnection, chain4: Chain
+) -> None:
     # Without the flush, QEMU 7.2 loses the copied data's metadata on SIGKILL after completion
     # while the header already says "no backing file": the guest would read zeros.
     assert (await pull(conn, vm.top_node)).ok
