@@ -196,7 +196,7 @@ class PullRunner:
             st.StatusView(
                 phase=st.RUNNING,
                 reason="Streaming",
-                message=f"streaming {spec.disk} from {len(started.released_images) or 'its'} backing image(s)",
+                message=f"streaming {spec.disk} from {len(started.released_images)} backing image(s)",
                 job_id=self.job_id,
                 target=target,
                 chain=images,
