@@ -13,18 +13,17 @@ Progress goes to stderr (as `virsh blockpull --verbose` does), results to stdout
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
+from blockpull.chain import DiskChain
 from blockpull.quantity import format_bytes
-
-if TYPE_CHECKING:
-    from blockpull.chain import DiskChain
-    from blockpull.stream import Outcome, Progress
+from blockpull.stream import Outcome, Progress, outcome_of
 
 #: Plain progress lines: at most one per this many seconds (plus the final one).
 PLAIN_LINE_INTERVAL = 1.0
@@ -40,7 +39,7 @@ class ProgressDisplay(Protocol):
 
     def update(self, job: Progress) -> None: ...
 
-    def finish(self) -> None: ...
+    def finish(self, outcome: Outcome | None = None) -> None: ...
 
 
 class NoProgress:
@@ -49,7 +48,7 @@ class NoProgress:
     def update(self, job: Progress) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, outcome: Outcome | None = None) -> None:
         pass
 
 
@@ -86,7 +85,7 @@ class RateMeter:
 
 def format_duration(seconds: float | None) -> str:
     """`0:04`, `12:30`, `1:02:03`; `--:--` when unknown."""
-    if seconds is None or seconds != seconds or seconds > 100 * 3600:
+    if seconds is None or not math.isfinite(seconds) or seconds > 100 * 3600:
         return "--:--"
     whole = round(seconds)
     hours, rest = divmod(whole, 3600)
@@ -129,24 +128,39 @@ class ProgressBar:
             self._last = line
             self._drawn = True
 
-    def line(self, job: Progress) -> str:
-        note = _state_note(job)
-        tail = (
-            f" {job.percent:5.1f}%  {format_bytes(job.offset)} / {format_bytes(job.length)}"
-            f"  {format_rate(self._meter.rate())}  "
-            + (note if note else f"ETA {format_duration(self._meter.eta(job.length - job.offset))}")
-        )
-        width = _terminal_width(self._stream) - 1
-        room = width - len(self._label) - len(tail) - 3
-        if room < 10:
-            return (self._label + tail)[:width]
-        filled = int(room * min(job.percent, 100.0) / 100.0)
-        return f"{self._label} [{'#' * filled}{'.' * (room - filled)}]{tail}"
+    def line(self, job: Progress, final: str | None = None) -> str:
+        """The bar's text for `job`, as wide as the terminal allows.
 
-    def finish(self) -> None:
-        if self._drawn:
-            self._stream.write("\n")
-            self._stream.flush()
+        On a narrow terminal the bar goes first, then bytes and rate; the percentage and the
+        ETA (or why the job is not running, or how it ended) always stay.
+        """
+        # Fixed-width fields, so that the bar does not jitter as the numbers change.
+        pct = f" {job.percent:5.1f}%"
+        amounts = f"  {format_bytes(job.offset):>10} / {format_bytes(job.length)}"
+        rate = f"  {format_rate(self._meter.rate()):>12}"
+        note = final or _state_note(job)
+        end = f"  {note}" if note else f"  ETA {format_duration(self._meter.eta(job.length - job.offset)):>7}"
+        width = _terminal_width(self._stream) - 1
+        tail = pct + amounts + rate + end
+        room = width - len(self._label) - len(tail) - 3
+        if room >= 10:
+            filled = int(room * min(job.percent, 100.0) / 100.0)
+            return f"{self._label} [{'#' * filled}{'.' * (room - filled)}]{tail}"
+        for text in (self._label + tail, self._label + pct + end, self._label + pct):
+            if len(text) <= width:
+                return text
+        return (self._label + pct)[:width]
+
+    def finish(self, outcome: Outcome | None = None) -> None:
+        """End the bar's line; with the outcome, redraw it one last time as the job ended."""
+        if not self._drawn:
+            return
+        if outcome is not None:
+            final = _final_progress(outcome)
+            self._stream.write("\r" + self.line(final, outcome.result.value) + "\x1b[K")
+        self._stream.write("\n")
+        self._stream.flush()
+        self._drawn = False
 
 
 class PlainProgress:
@@ -196,10 +210,23 @@ class PlainProgress:
         self._stream.write(self.line(job) + "\n")
         self._stream.flush()
 
-    def finish(self) -> None:
+    def finish(self, outcome: Outcome | None = None) -> None:
         if self._pending is not None:
             self._write(self._pending)
             self._pending = None
+
+
+def _final_progress(outcome: Outcome) -> Progress:
+    return Progress(
+        job_id=outcome.job_id,
+        status="concluded",
+        offset=outcome.offset,
+        length=outcome.length,
+        speed=0,
+        paused=False,
+        io_status="ok",
+        error=outcome.error,
+    )
 
 
 def progress_display(stream: TextIO, label: str, *, quiet: bool) -> ProgressDisplay:
@@ -279,30 +306,26 @@ def outcome_line(report: Report) -> str:
     already = " (it had ended before we looked)" if report.already_concluded else ""
     result = outcome.result.value
     if result == "completed":
-        target = f"disk {report.disk!r} (node {report.device})" if report.disk else "the disk"
-        backing = (
-            f"; now backed by {report.base}" if report.base else "; it no longer has a backing file"
-        )
+        raced = " (the cancel lost the race)" if report.stopped_by else ""
+        size = format_bytes(outcome.length)
         if report.disk is None:
-            backing = ""
+            return f"completed{raced}: job {job} ({size}){took}{already}"
+        backing = f"now backed by {report.base}" if report.base else "it no longer has a backing file"
         released = (
             f"; no longer needed: {', '.join(report.released_images)}" if report.released_images else ""
         )
-        raced = " (the cancel lost the race)" if report.stopped_by else ""
         return (
-            f"completed{raced}: job {job} pulled {format_bytes(outcome.length)} into {target}"
-            f"{took}{already}{backing}{released}"
+            f"completed{raced}: job {job} pulled disk {report.disk!r} (node {report.device}, {size})"
+            f"{took}{already}; {backing}{released}"
         )
     if result == "cancelled":
-        by = f" ({report.stopped_by})" if report.stopped_by else ""
-        return (
-            f"cancelled{by}: job {job} stopped at {where}{took}{already}; "
-            "the disk keeps its backing chain with the data copied so far"
-        )
-    return (
-        f"failed: job {job} at {where}{took}{already}: {outcome.error}; "
-        "the disk keeps its backing chain"
-    )
+        kept = "the disk keeps its backing chain with the data copied so far"
+        if report.stopped_by == "timeout":
+            return f"timed out{took}: cancelled job {job} at {where}; {kept}"
+        if report.stopped_by in (None, "abort"):
+            return f"cancelled: job {job} stopped at {where}{took}{already}; {kept}"
+        return f"interrupted by {report.stopped_by}{took}: cancelled job {job} at {where}; {kept}"
+    return f"failed: job {job} at {where}{took}{already}: {outcome.error}; the disk keeps its backing chain"
 
 
 def started_line(job_id: str, device: str, base_node: str | None) -> str:
@@ -314,8 +337,6 @@ def started_line(job_id: str, device: str, base_node: str | None) -> str:
 
 
 def job_json(job: Progress) -> dict[str, Any]:
-    from blockpull.stream import outcome_of
-
     outcome = outcome_of(job)
     return {
         "id": job.job_id,
@@ -391,8 +412,7 @@ def chain_table(chain: DiskChain) -> str:
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
     )
 
 

@@ -119,7 +119,8 @@ async def start_vm(
             "-mon",
             "chardev=spare,mode=control",
         ]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Popen returns as soon as QEMU is forked; readiness is awaited below.
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: ASYNC220
     vm = VM(proc, socket, chain, names, spare)
     # The socket appears before -blockdev is parsed; ready means QEMU answers a command.
     for _ in range(100):

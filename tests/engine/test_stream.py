@@ -87,7 +87,7 @@ async def test_disk_by_drive_id_and_guest_device(workdir: Path, chain4: Chain, m
         async with await QMPConnection.open(machine.socket) as conn:
             chain = await read_chain(conn, disk)
             # -drive opens the backing chain from the image headers: auto node names.
-            assert [image.filename for image in chain.images][0] == str(chain4.top)
+            assert chain.images[0].filename == str(chain4.top)
             assert len(chain.images) == 4
             base_node = chain.images[2].node_name
             outcome = await pull(conn, disk, base=base_node)
@@ -107,7 +107,7 @@ async def test_unknown_disk_and_base_not_in_chain(vm: VM, conn: QMPConnection, w
         await stream.start_stream(
             conn, stream.StreamRequest(disk=vm.top_node, job_id="j1", base="/images/other.qcow2")
         )
-    with pytest.raises(BaseNotInChain, match="the disk .* itself"):
+    with pytest.raises(BaseNotInChain, match=r"the disk .* itself"):
         await stream.start_stream(conn, stream.StreamRequest(disk=vm.top_node, job_id="j1", base=vm.top_node))
     assert await stream.list_jobs(conn) == []
     assert vm.alive
@@ -118,7 +118,7 @@ async def test_second_pull_on_a_busy_chain_is_refused(vm: VM, conn: QMPConnectio
     for disk in (vm.top_node, vm.node_names[2]):
         with pytest.raises(DiskBusy, match="busy"):
             await stream.start_stream(conn, stream.StreamRequest(disk=disk, job_id="second"))
-    with pytest.raises(DiskBusy, match="busy|already exists"):
+    with pytest.raises(DiskBusy, match=r"busy|already exists"):
         await stream.start_stream(conn, stream.StreamRequest(disk=vm.node_names[1], job_id="first"))
     await stream.set_bandwidth(conn, "first", 0)
     outcome = await asyncio.wait_for(stream.wait_for_outcome(conn, "first"), 30)
