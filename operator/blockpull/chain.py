@@ -142,7 +142,7 @@ async def read_graph(conn: QMPConnection) -> BlockGraph:
         nodes[int(edge["parent"])].children[str(edge["name"])] = int(edge["child"])
     by_name = {n.name: n.node_id for n in nodes.values() if n.kind == "block-driver" and n.name}
 
-    cache: dict[str, Mapping[str, Any]] = _node_cache(conn)
+    cache = conn.node_cache
     complete = await nodes_query_is_safe(conn)
     if complete:
         fresh = await conn.execute("query-named-block-nodes", {"flat": True})
@@ -158,16 +158,6 @@ async def nodes_query_is_safe(conn: QMPConnection) -> bool:
     """True when no job exists that could reach `concluded` during the next command."""
     jobs = await conn.execute("query-jobs")
     return all(str(job["status"]) in _STILL_JOB_STATES for job in jobs)
-
-
-def _node_cache(conn: QMPConnection) -> dict[str, Mapping[str, Any]]:
-    # Node details per connection; a node-name names the same node for its whole life, so
-    # details read while it was safe stay true while a job runs.
-    cache: dict[str, Mapping[str, Any]] | None = getattr(conn, "_blockpull_node_cache", None)
-    if cache is None:
-        cache = {}
-        conn._blockpull_node_cache = cache  # type: ignore[attr-defined]
-    return cache
 
 
 def _add_backend_details(

@@ -144,6 +144,9 @@ class QMPConnection:
     #: Serialises whatever must not interleave with a job reaching `concluded` in QEMU (see
     #: `blockpull.chain`): inspection of block nodes, starting and dismissing jobs.
     graph_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+    #: Block node details (node-name -> query-named-block-nodes entry) from the last read that
+    #: was safe; a node-name names the same node for its whole life. Owned by `blockpull.chain`.
+    node_cache: dict[str, Mapping[str, Any]] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     async def open(

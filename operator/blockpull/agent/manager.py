@@ -34,6 +34,7 @@ class Agent:
         self.vms = vms
         self._runners: dict[str, tuple[PullRunner, asyncio.Task[None]]] = {}
         self._ttl: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
 
     # --- observations -------------------------------------------------------------------------
 
@@ -205,8 +206,6 @@ class Agent:
     async def _warn(self, ref: ObjectRef, reason: str, message: str) -> None:
         log.warning("%s: %s", ref, message)
         await self._event(ref, "Warning", reason, message)
-
-    _background: set[asyncio.Task[Any]] = set()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
