@@ -283,6 +283,11 @@ def types_from_crd(crd: dict[str, Any]) -> list[ResourceType]:
                 has_generation=True,
                 custom=True,
                 storage_version=storage_version,
+                # selectableFields (Kubernetes 1.31+): `.spec.nodeName` -> field label `spec.nodeName`.
+                field_labels=frozenset(
+                    {"metadata.name", "metadata.namespace"}
+                    | {f["jsonPath"].lstrip(".") for f in version.get("selectableFields") or ()}
+                ),
             )
         )
     return result

@@ -32,7 +32,23 @@ def test_pending_then_running_then_completed() -> None:
             "message": "no socket",
             "lastTransitionTime": "2026-11-25T10:00:00Z",
             "observedGeneration": 2,
-        }
+        },
+        {
+            "type": "Completed",
+            "status": "False",
+            "reason": "Pending",
+            "message": "phase is Pending",
+            "lastTransitionTime": "2026-11-25T10:00:00Z",
+            "observedGeneration": 2,
+        },
+        {
+            "type": "Failed",
+            "status": "False",
+            "reason": "Pending",
+            "message": "phase is Pending",
+            "lastTransitionTime": "2026-11-25T10:00:00Z",
+            "observedGeneration": 2,
+        },
     ]
     running = _build(
         pending,
@@ -79,7 +95,7 @@ def test_pending_then_running_then_completed() -> None:
     types = {c["type"]: c for c in done["conditions"]}
     assert types["Running"]["status"] == "False"
     assert types["Completed"]["status"] == "True"
-    assert "Failed" not in types
+    assert types["Failed"]["status"] == "False"
     assert done["releasedImages"] == ["/images/b.qcow2"]
     assert done["progress"] == "100.00%"
 

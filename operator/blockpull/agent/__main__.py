@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sys
+from typing import Any
 
 from blockpull.agent.settings import AgentSettings
 from blockpull.errors import InvalidSpec
@@ -27,6 +28,8 @@ def main() -> None:
         level=os.environ.get("BLOCKPULL_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # qemu.qmp logs every QMP message at DEBUG; that is a protocol trace, not an agent log.
+    logging.getLogger("qemu.qmp").setLevel(max(logging.INFO, logging.getLogger().level))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_run(settings))
 
@@ -51,7 +54,7 @@ async def _run(settings: AgentSettings) -> None:
     kube = KubeAPI(api_client, component="blockpull-agent", node_name=settings.node_name)
     vms = VMConnections(connect_timeout=settings.connect_timeout, command_timeout=settings.command_timeout)
     agent = Agent(settings, kube, vms)
-    registry = build_registry(lambda: agent, settings)
+    registry = build_registry(lambda: agent, settings, lambda: connection_info(api_client))
     liveness = f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None
     await kopf.operator(
         registry=registry,
@@ -59,6 +62,28 @@ async def _run(settings: AgentSettings) -> None:
         clusterwide=settings.watch_namespace is None,
         namespaces=[settings.watch_namespace] if settings.watch_namespace else [],
         liveness_endpoint=liveness,
+    )
+
+
+def connection_info(api_client: Any) -> Any:
+    """kopf's view of the official client's configuration (server, TLS, token or certificate)."""
+    import kopf  # noqa: PLC0415
+
+    config = api_client.configuration
+    # The client keeps the token under "BearerToken" (kubernetes >= 36) or "authorization";
+    # reading it through get_api_key_with_prefix runs the in-cluster token refresh hook.
+    header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix("authorization")
+    scheme, token = (header.split(" ", 1) + [""])[:2] if header and " " in header else (None, header or None)
+    return kopf.ConnectionInfo(
+        server=config.host,
+        ca_path=config.ssl_ca_cert,
+        insecure=not config.verify_ssl,
+        username=config.username or None,
+        password=config.password or None,
+        scheme=scheme,
+        token=token or None,
+        certificate_path=config.cert_file,
+        private_key_path=config.key_file,
     )
 
 

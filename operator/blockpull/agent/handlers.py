@@ -52,15 +52,26 @@ def _unfinished(status: kopf.Status, **_: Any) -> bool:
     return not st.is_terminal(status)
 
 
-def build_registry(get_agent: Callable[[], Agent], agent_settings: AgentSettings) -> kopf.OperatorRegistry:
+def build_registry(
+    get_agent: Callable[[], Agent],
+    agent_settings: AgentSettings,
+    login: Callable[[], kopf.ConnectionInfo],
+) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def credentials(**_: Any) -> kopf.ConnectionInfo:
+        # The same credentials as the agent's own client (KUBECONFIG or the service account);
+        # kopf calls this again when the API answers 401 (a rotated service-account token).
+        return login()
 
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings, agent_settings)
 
     @kopf.on.event(*RESOURCE, registry=registry)
-    def observe(body: kopf.Body, type: str | None, **_: Any) -> None:
+    async def observe(body: kopf.Body, type: str | None, **_: Any) -> None:
+        # async: kopf runs sync handlers in threads, and the agent lives on the event loop.
         if type == "DELETED":
             return
         get_agent().observe(body)

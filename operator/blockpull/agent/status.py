@@ -106,10 +106,13 @@ def _conditions(
     wanted: list[tuple[str, bool, str, str]] = [
         ("Running", running, view.reason if running or view.phase == PENDING else _ended(view), view.message)
     ]
-    if view.phase == COMPLETED:
-        wanted.append(("Completed", True, view.reason, view.message))
-    if view.phase == FAILED:
-        wanted.append(("Failed", True, view.reason, view.message))
+    # All three types are always present (kubectl and GitOps health checks read a False as
+    # "not yet", a missing condition as "unknown"); a False one carries the phase as its reason.
+    for kind, phase in (("Completed", COMPLETED), ("Failed", FAILED)):
+        if view.phase == phase:
+            wanted.append((kind, True, view.reason, view.message))
+        else:
+            wanted.append((kind, False, view.phase, f"phase is {view.phase}"))
     by_type = {str(c.get("type")): c for c in previous}
     result: list[dict[str, Any]] = []
     for kind, truth, reason, message in wanted:
