@@ -85,7 +85,9 @@ def agent_factory(
     """
     agents: list[AgentProcess] = []
 
-    def factory(node: str = "node-a", *, start: bool = True, namespace: str | None = ns.name, **env: str) -> AgentProcess:
+    def factory(
+        node: str = "node-a", *, start: bool = True, namespace: str | None = ns.name, **env: str
+    ) -> AgentProcess:
         agent = AgentProcess(
             cluster,
             node=node,
@@ -123,7 +125,9 @@ def vm_in(vm_factory: Callable[..., QemuVM], sockets: Path, ns: Namespace) -> VM
     """`vm_in(name, disks, namespace=<test ns>, start=True, **QemuVM kwargs)`: a QEMU reachable
     by the agent, through a QMP monitor of its own at the socket template's path."""
 
-    def factory(name: str, disks: list[Disk | Chain], *, namespace: str | None = None, **kwargs: Any) -> QemuVM:
+    def factory(
+        name: str, disks: list[Disk | Chain], *, namespace: str | None = None, **kwargs: Any
+    ) -> QemuVM:
         path = socket_path(sockets, namespace or ns.name, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = [

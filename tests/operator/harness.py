@@ -69,7 +69,9 @@ class Cluster:
 
     def api_client(self) -> kubernetes.client.ApiClient:
         if "admin" not in self._clients:
-            self._clients["admin"] = kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
+            self._clients["admin"] = kubernetes.config.new_client_from_config(
+                config_file=str(self.kubeconfig)
+            )
         return self._clients["admin"]
 
     def close(self) -> None:
@@ -165,12 +167,18 @@ class Namespace:
         listed = self.core.list_namespaced_event(self.name, field_selector=f"involvedObject.name={name}")
         items = sorted(
             listed.items,
-            key=lambda e: (e.last_timestamp or e.event_time or e.metadata.creation_timestamp or 0, e.metadata.name),
+            key=lambda e: (
+                e.last_timestamp or e.event_time or e.metadata.creation_timestamp or 0,
+                e.metadata.name,
+            ),
         )
         return [
-            {"type": e.type, "reason": e.reason, "message": e.message, "component": (e.source or {}).component}
-            if e.source
-            else {"type": e.type, "reason": e.reason, "message": e.message, "component": None}
+            {
+                "type": e.type,
+                "reason": e.reason,
+                "message": e.message,
+                "component": e.source.component if e.source else None,
+            }
             for e in items
         ]
 
@@ -198,7 +206,9 @@ class Namespace:
             check=False,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def apply(self, manifest: Mapping[str, Any], *, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -326,7 +336,9 @@ class AgentProcess:
         return [r for r in self.cluster.stand_in.requests_by(user=self.user) if r.is_write]
 
 
-def run_process(argv: list[str], env: Mapping[str, str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def run_process(
+    argv: list[str], env: Mapping[str, str], timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, env=dict(env), capture_output=True, text=True, timeout=timeout, check=False)
 
 

@@ -73,7 +73,7 @@ def connection_info(api_client: Any) -> Any:
     # The client keeps the token under "BearerToken" (kubernetes >= 36) or "authorization";
     # reading it through get_api_key_with_prefix runs the in-cluster token refresh hook.
     header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix("authorization")
-    scheme, token = (header.split(" ", 1) + [""])[:2] if header and " " in header else (None, header or None)
+    scheme, token = header.split(" ", 1) if header and " " in header else (None, header or None)
     return kopf.ConnectionInfo(
         server=config.host,
         ca_path=config.ssl_ca_cert,
