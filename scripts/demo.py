@@ -1,57 +1,585 @@
-"""The BlockPull demo: flatten a live QEMU disk and prove it with qemu-img.
+"""The BlockPull demo: a BlockPull object flattens a live QEMU disk, and qemu-img proves it.
 
-Builds a real three-image qcow2 chain with known data (template <- mid <- active), starts a
-real QEMU (no guest: `-M none`) with the chain attached libvirt-style and a QMP monitor, runs
-`blockpull chain` and `blockpull pull` against it, then checks the result with `qemu-img`.
-Everything it starts is stopped again, also on Ctrl-C.
+Everything is real and runs on this machine, no cluster needed:
+
+1. a three-image qcow2 chain with known data (template <- mid <- web-1-root), plus a
+   reference image holding what the guest sees;
+2. QEMU (no guest: `-M none`) with the chain attached and a QMP socket where the agent
+   looks for VM `web-1` of namespace `vms`;
+3. the Kubernetes API stand-in (`python -m testapiserver`) with the BlockPull CRD;
+4. the node agent (`blockpull-agent`) of node `demo-node`;
+5. `kubectl apply` of a throttled BlockPull (deploy/samples/full-pull.yaml with a bandwidth);
+6. `kubectl get -w` until it Completed, `kubectl wait`, its status and its Events;
+7. `qemu-img`: the disk has no backing file any more, shows the guest the same bytes as the
+   reference, and is clean.
+
+Everything it started is stopped and its work directory removed when it ends: after success,
+a failed step (exit status 1), Ctrl-C (130) or SIGTERM (143). Usage:
+
+    bash scripts/demo.sh                      # set up the machine if needed, then run this
+    .venv/bin/python scripts/demo.py --keep   # leave the API and the agent up until Ctrl-C
 """
 
 from __future__ import annotations
 
-import asyncio
+import argparse
+import contextlib
+import os
+import re
+import select
+import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
-import tempfile
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 
-from qemulab.images import make_chain
-from qemulab.vm import QemuVM
+from qemulab import Chain, QemuVM, backing_chain, check, compare, make_chain, short_tmpdir
+from qemulab.tools import missing_tools
 
+REPO = Path(__file__).resolve().parents[1]
+CRD = REPO / "crds" / "blockpull.dev_blockpulls.yaml"
+NAMESPACE = "vms"
+VM_NAME = "web-1"
+NODE = "demo-node"
+OBJECT = "flatten-web-1-root"
+LAYERS = ["template", "mid", "web-1-root"]
 MiB = 1 << 20
+DISK_SIZE = 256 * MiB
+STEPS = 7
+#: How long one step may wait for something (a process to be ready, the pull to end).
+STEP_TIMEOUT = 120.0
+#: Lines of each log shown when a step fails.
+LOG_TAIL = 40
+
+_TTY = sys.stdout.isatty()
+BOLD = "\033[1m" if _TTY else ""
+DIM = "\033[2m" if _TTY else ""
+RESET = "\033[0m" if _TTY else ""
 
 
-def run(*argv: str) -> None:
-    print(f"\n$ {' '.join(argv)}", flush=True)
-    subprocess.run(argv, check=True)
+class DemoError(Exception):
+    """A step failed; the message says what went wrong."""
 
 
-async def main() -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="blockpull-demo-", dir="/tmp"))
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: stop what runs, clean up, exit 128+signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+def _note_signal(signum: int, frame: FrameType | None) -> None:
+    print(f"({signal.Signals(signum).name}: already stopping everything, one moment)", flush=True)
+
+
+def interruptible(on: bool) -> None:
+    """SIGINT/SIGTERM raise `Interrupted` (on), or only print a note (off, while cleaning up)."""
+    handler = _raise_interrupted if on else _note_signal
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def header(number: int, title: str) -> None:
+    print(f"\n{BOLD}{number}/{STEPS} {title}{RESET}", flush=True)
+
+
+def note(text: str) -> None:
+    print(f"{DIM}# {text}{RESET}", flush=True)
+
+
+def shown(command: str) -> None:
+    """Print a command the way a user would type it."""
+    print(f"{BOLD}${RESET} {command}", flush=True)
+
+
+def grep(pattern: str) -> tuple[str, Callable[[str], str]]:
+    """Keep the lines matching `pattern`, shown as `| grep -E PATTERN`."""
+    regex = re.compile(pattern)
+    return f"grep -E {shlex.quote(pattern)}", lambda text: "".join(
+        line for line in text.splitlines(keepends=True) if regex.search(line)
+    )
+
+
+def from_line(start: str) -> tuple[str, Callable[[str], str]]:
+    """Keep everything from the first line that is `start`, shown as `| sed -n '/^START$/,$p'`."""
+
+    def cut(text: str) -> str:
+        lines = text.splitlines(keepends=True)
+        first = next((i for i, line in enumerate(lines) if line.rstrip("\n") == start), len(lines))
+        return "".join(lines[first:])
+
+    return f"sed -n '/^{start}$/,$p'", cut
+
+
+#: What `qemu-img info --backing-chain` says about the chain, without the format details.
+INFO_LINES = grep("^(image|disk size|backing file):")
+
+
+def tail(path: Path, lines: int = LOG_TAIL) -> str:
     try:
-        chain = make_chain(
-            workdir / "images", layers=3, size=256 * MiB, names=["template", "mid", "web-1-root"]
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:]) or "(empty)"
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def spawn(
+    argv: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None, pipe_stdout: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start a background process in its own session (Ctrl-C reaches only the demo, which then
+    stops it in order), killed by the kernel should the demo itself die (`setpriv --pdeathsig`)."""
+    setpriv = shutil.which("setpriv")
+    prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [*prefix, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipe_stdout else out,
+            stderr=out,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
         )
-        print(f"chain in {chain.directory}: " + " <- ".join(p.name for p in chain.images))
-        async with QemuVM([chain]) as vm:
-            disk = vm.disks[0].top
-            socket = str(vm.qmp_socket)
-            run("blockpull", "chain", socket, disk)
-            run("blockpull", "pull", socket, disk, "--bandwidth", "64Mi")
-            run("blockpull", "chain", socket, disk)
-        print("\nQEMU stopped; checking the image on disk:")
-        run("qemu-img", "info", "--backing-chain", str(chain.top))
-        run("qemu-img", "check", str(chain.top))
-        assert chain.reference is not None
-        run("qemu-img", "compare", str(chain.top), str(chain.reference))
-        print("\nThe active image needs no backing file and holds exactly what the guest saw before.")
-        return 0
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 15.0
+) -> None:
+    """Send `sig`, wait up to `timeout` s, then SIGKILL; always reaps the process."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def read_line(proc: subprocess.Popen[bytes], buffer: bytearray, deadline: float) -> str | None:
+    """The next line `proc` writes to its stdout pipe; None once it closed it.
+
+    Reads the file descriptor directly (no Python buffering), so `select` never waits while a
+    line already sits in a buffer. Raises DemoError at `deadline`.
+    """
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    while b"\n" not in buffer:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DemoError(f"timed out waiting for output of pid {proc.pid}")
+        ready, _, _ = select.select([fd], [], [], min(remaining, 1.0))
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            if buffer:
+                line = buffer.decode(errors="replace")
+                buffer.clear()
+                return line
+            return None
+        buffer += chunk
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line.decode(errors="replace")
+
+
+def eventually(probe: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+class Demo:
+    """The demo's state: what it started, so that `cleanup` can stop exactly that."""
+
+    def __init__(self, *, bandwidth: str, keep: bool) -> None:
+        self.bandwidth = bandwidth
+        self.keep = keep
+        self.workdir: Path | None = None
+        self.chain: Chain | None = None
+        self.vm: QemuVM | None = None
+        self.api: subprocess.Popen[bytes] | None = None
+        self.agent: subprocess.Popen[bytes] | None = None
+        self.watch: subprocess.Popen[bytes] | None = None
+        self.started = time.monotonic()
+
+    # paths, all in the work directory (short: it also holds the UNIX sockets)
+
+    @property
+    def wd(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.wd / "kubeconfig"
+
+    @property
+    def agent_log(self) -> Path:
+        return self.wd / "agent.log"
+
+    @property
+    def api_log(self) -> Path:
+        return self.wd / "apiserver.log"
+
+    @property
+    def socket_template(self) -> str:
+        return f"{self.wd}/sockets/{{namespace}}/{{vm}}.qmp"
+
+    # helpers
+
+    def kube_env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        display: str | None = None,
+        only: tuple[str, Callable[[str], str]] | None = None,
+        cwd: Path | None = None,
+        input: str | None = None,
+        timeout: float = STEP_TIMEOUT,
+    ) -> subprocess.CompletedProcess[str]:
+        """Show a command (`display`, default `argv`), run it, and print its output; DemoError
+        when it fails. `only=(pipe, cut)` prints `cut(output)`, the command shown as `... | pipe`."""
+        command = display or shlex.join(argv)
+        if only is not None:
+            command += f" | {only[0]}"
+        shown(command)
+        done = subprocess.run(
+            list(argv),
+            cwd=cwd,
+            env=self.kube_env(),
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        out = only[1](done.stdout) if only is not None else done.stdout
+        print(out, end="" if out.endswith("\n") or not out else "\n")
+        if done.stderr:
+            print(done.stderr, end="" if done.stderr.endswith("\n") else "\n", file=sys.stderr)
+        sys.stdout.flush()
+        if done.returncode != 0:
+            raise DemoError(f"`{command}` exited with status {done.returncode}")
+        return done
+
+    def kubectl(
+        self,
+        *args: str,
+        only: tuple[str, Callable[[str], str]] | None = None,
+        input: str | None = None,
+        display: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """`kubectl --kubeconfig <ours> ARGS`, shown as `kubectl ARGS` (KUBECONFIG is exported)."""
+        argv = ["kubectl", f"--kubeconfig={self.kubeconfig}", *args]
+        return self.run(argv, display=display or shlex.join(["kubectl", *args]), only=only, input=input)
+
+    # the steps
+
+    def main(self) -> None:
+        self.workdir = short_tmpdir("bpdemo-")
+        print(f"{BOLD}BlockPull demo{RESET}: flatten a running VM's disk with a Kubernetes object.")
+        print(f"work dir: {self.wd} (removed at the end)", flush=True)
+        self.build_chain()
+        self.start_qemu()
+        self.start_api()
+        self.start_agent()
+        self.apply()
+        self.follow()
+        self.prove()
+        print(
+            f"\n{BOLD}Done in {time.monotonic() - self.started:.0f} s{RESET}: the VM's disk no longer "
+            "needs template.qcow2 or mid.qcow2, and the guest never saw a difference.",
+            flush=True,
+        )
+        if self.keep:
+            self.linger()
+
+    def build_chain(self) -> None:
+        header(1, f"building a {len(LAYERS)}-image qcow2 chain: " + " <- ".join(LAYERS))
+        images = self.wd / "images"
+        self.chain = make_chain(images, layers=len(LAYERS), size=DISK_SIZE, names=LAYERS)
+        note(
+            f"{DISK_SIZE // MiB} MiB disk; each image holds its own known data, the VM writes to "
+            f"{self.chain.top.name}; reference.qcow2 is a standalone copy of what the guest sees"
+        )
+        shown(f"cd {images}")
+        self.run(["qemu-img", "info", "--backing-chain", self.chain.top.name], cwd=images, only=INFO_LINES)
+
+    def start_qemu(self) -> None:
+        header(2, f"starting QEMU: VM {VM_NAME} with the chain attached")
+        assert self.chain is not None
+        sock = self.wd / "sockets" / NAMESPACE / f"{VM_NAME}.qmp"
+        sock.parent.mkdir(parents=True)
+        monitor = [
+            "-chardev",
+            f"socket,id=bp,path={sock},server=on,wait=off",
+            "-mon",
+            "chardev=bp,mode=control",
+        ]
+        self.vm = QemuVM([self.chain], socket_dir=self.wd / "qemu", extra_args=monitor)
+        shown(f"qemu-system-x86_64 -M none -blockdev ...(3 images)... {shlex.join(monitor)} &")
+        self.vm.start_sync()
+        note(f"QEMU (pid {self.vm.pid}) runs with no guest; the agent will talk to it on {sock}")
+        note(f"QEMU log: {self.vm.log_path}")
+
+    def start_api(self) -> None:
+        header(3, "starting the Kubernetes API (a stand-in: no cluster needed) with the BlockPull CRD")
+        crd = CRD.relative_to(REPO)
+        argv = [sys.executable, "-m", "testapiserver", "--port", "0", "--kubeconfig", str(self.kubeconfig)]
+        argv += ["--crd", str(CRD)]
+        shown(f"python -m testapiserver --port 0 --kubeconfig {self.kubeconfig} --crd {crd} &")
+        self.api = spawn(argv, log=self.api_log, pipe_stdout=True)
+        url = read_line(self.api, bytearray(), time.monotonic() + 30)
+        if not url or not self.kubeconfig.exists():
+            raise DemoError(f"the API stand-in exited with status {self.api.wait(5)} before it was ready")
+        note(f"API stand-in (pid {self.api.pid}) serves {url.strip()}; log: {self.api_log}")
+        shown(f"export KUBECONFIG={self.kubeconfig}")
+        self.kubectl("create", "namespace", NAMESPACE)
+
+    def start_agent(self) -> None:
+        header(4, f"starting the BlockPull agent of node {NODE}")
+        port = free_port()
+        settings = {
+            "NODE_NAME": NODE,
+            "BLOCKPULL_SOCKET_TEMPLATE": self.socket_template,
+            "BLOCKPULL_LIVENESS_PORT": str(port),
+            "BLOCKPULL_STATUS_INTERVAL": "0.5",
+            "BLOCKPULL_POLL_INTERVAL": "0.5",
+        }
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("BLOCKPULL_", "KUBERNETES_"))}
+        env = {**inherited, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", **settings}
+        shown(
+            " \\\n    ".join([*(f"{k}={shlex.quote(v)}" for k, v in settings.items()), "blockpull-agent &"])
+        )
+        script = Path(sys.executable).with_name("blockpull-agent")
+        argv = [str(script)] if script.exists() else [sys.executable, "-m", "blockpull.agent"]
+        self.agent = spawn(argv, log=self.agent_log, env=env)
+        healthz = f"http://127.0.0.1:{port}/healthz"
+        agent = self.agent
+
+        def ready() -> bool:
+            if agent.poll() is not None:
+                raise DemoError(f"the agent exited with status {agent.returncode}")
+            try:
+                with urllib.request.urlopen(healthz, timeout=1) as answer:
+                    return bool(answer.status == 200)
+            except OSError:
+                return False
+
+        eventually(ready, timeout=30, what=f"the agent's liveness endpoint {healthz}")
+        note(f"agent (pid {self.agent.pid}) is live: GET {healthz} -> 200; log: {self.agent_log}")
+
+    def manifest(self) -> str:
+        assert self.chain is not None
+        return (
+            f"apiVersion: blockpull.dev/v1alpha1\n"
+            f"kind: BlockPull\n"
+            f"metadata:\n"
+            f"  name: {OBJECT}\n"
+            f"  namespace: {NAMESPACE}\n"
+            f"spec:\n"
+            f"  nodeName: {NODE}   # only this node's agent acts on it\n"
+            f"  vm: {VM_NAME}          # QMP socket: {self.socket_template}\n"
+            f"  disk: {self.chain.top}   # the active image\n"
+            f"  bandwidth: {self.bandwidth}      # bytes/s, so that there is progress to watch\n"
+        )
+
+    def apply(self) -> None:
+        header(5, "creating the BlockPull (like deploy/samples/full-pull.yaml, throttled)")
+        manifest = self.manifest()
+        self.kubectl("apply", "-f", "-", display=f"kubectl apply -f - <<EOF\n{manifest}EOF", input=manifest)
+
+    def follow(self) -> None:
+        header(6, "watching it until it Completed")
+        argv = ["kubectl", f"--kubeconfig={self.kubeconfig}", "get", "bp", "-n", NAMESPACE, "-w"]
+        shown(f"kubectl get bp -n {NAMESPACE} -w")
+        with (self.wd / "watch.log").open("ab") as err:
+            self.watch = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=self.kube_env()
+            )
+        phase = None
+        buffer = bytearray()
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while phase is None:
+            line = read_line(self.watch, buffer, deadline)
+            if line is None:
+                raise DemoError(f"kubectl get -w ended: {tail(self.wd / 'watch.log', 5)}")
+            print(line, flush=True)
+            fields = line.split()
+            if fields and fields[0] == OBJECT:
+                phase = next((f for f in fields if f in ("Completed", "Failed")), None)
+        stop_process(self.watch)
+        note("(stopped watching)")
+        if phase == "Failed":
+            self.kubectl("describe", "bp", "-n", NAMESPACE, OBJECT)
+            raise DemoError(
+                f"the BlockPull failed (see its status and Events above; agent log: {self.agent_log})"
+            )
+        self.kubectl(
+            "wait",
+            "-n",
+            NAMESPACE,
+            "--for=condition=Completed",
+            f"bp/{OBJECT}",
+            f"--timeout={STEP_TIMEOUT:.0f}s",
+        )
+        note("its status: phase, progress, conditions, and the images the disk no longer needs")
+        self.kubectl("get", "bp", "-n", NAMESPACE, OBJECT, "-o", "yaml", only=from_line("status:"))
+        note("and its story, as the agent told it in Events")
+        self.kubectl("describe", "bp", "-n", NAMESPACE, OBJECT, only=from_line("Events:"))
+
+    def prove(self) -> None:
+        header(7, "checking the disk with qemu-img")
+        assert self.chain is not None and self.vm is not None and self.chain.reference is not None
+        note("stopping QEMU (QMP quit) so that qemu-img may open the image without -U")
+        self.vm.stop_sync()
+        images = self.chain.directory
+        top, reference = self.chain.top.name, self.chain.reference.name
+        shown(f"cd {images}")
+        self.run(["qemu-img", "info", "--backing-chain", top], cwd=images, only=INFO_LINES)
+        if backing_chain(self.chain.top) != [str(self.chain.top)]:
+            raise DemoError(f"{top} still has a backing file: {backing_chain(self.chain.top)}")
+        self.run(["qemu-img", "compare", top, reference], cwd=images)
+        if not compare(self.chain.top, self.chain.reference):
+            raise DemoError(f"{top} differs from {reference}")
+        self.run(["qemu-img", "check", top], cwd=images)
+        if not check(self.chain.top).clean:
+            raise DemoError(f"qemu-img check found problems in {top}")
+        note(f"{top} stands alone, holds exactly what the guest saw before, and is clean")
+
+    def linger(self) -> None:
+        note("--keep: the API stand-in and the agent keep running (QEMU was stopped for the checks)")
+        shown(f"export KUBECONFIG={self.kubeconfig}")
+        note("try: kubectl get bp -A; kubectl get events -n vms; press Ctrl-C to stop everything")
+        with contextlib.suppress(Interrupted):
+            while True:
+                signal.pause()
+
+    # the end
+
+    def show_logs(self) -> None:
+        """The end of each log, for a failed run (the work directory is removed after)."""
+        if self.workdir is None:
+            return
+        for name, path in (("agent", self.agent_log), ("API stand-in", self.api_log)):
+            if path.exists():
+                print(f"\n----- {name} log ({path}), last lines -----\n{tail(path)}", file=sys.stderr)
+        if self.vm is not None and self.vm.stderr_text().strip():
+            print(f"\n----- QEMU output -----\n{self.vm.stderr_text().strip()}", file=sys.stderr)
+
+    def cleanup(self) -> None:
+        """Stop everything started, newest first, and remove the work directory."""
+        stopped: list[str] = []
+        problems: list[str] = []
+        steps: list[tuple[str, Callable[[], object], int | None]] = [
+            ("kubectl get -w", lambda: stop_process(self.watch), self.watch.pid if self.watch else None),
+            ("the agent", lambda: stop_process(self.agent), self.agent.pid if self.agent else None),
+            ("QEMU", lambda: self.vm.stop_sync() if self.vm else None, self.vm.pid if self.vm else None),
+            ("the API stand-in", lambda: stop_process(self.api), self.api.pid if self.api else None),
+        ]
+        for name, stop, pid in steps:
+            if pid is None:
+                continue
+            try:
+                stop()
+            except Exception as exc:
+                problems.append(f"stopping {name} (pid {pid}): {exc}")
+            else:
+                stopped.append(f"{name} (pid {pid})")
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            if self.workdir.exists():
+                problems.append(f"could not remove {self.workdir}")
+        what = ", ".join(stopped) or "nothing was running"
+        print(f"\ncleaned up: stopped {what}; removed {self.workdir}", flush=True)
+        for problem in problems:
+            print(f"cleanup problem: {problem}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--bandwidth", default="32Mi", help="the BlockPull's spec.bandwidth, bytes/s (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="at the end, leave the API stand-in and the agent up until Ctrl-C"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = [t for t in [*missing_tools(), "kubectl"] if shutil.which(t) is None]
+    if missing:
+        print(f"demo: missing {', '.join(missing)}; run `bash scripts/setup.sh` first", file=sys.stderr)
+        return 1
+    demo = Demo(bandwidth=args.bandwidth, keep=args.keep)
+    status = 1
+    interruptible(True)
+    try:
+        try:
+            demo.main()
+        finally:
+            interruptible(False)  # from here on a signal no longer interrupts the cleanup
+    except Interrupted as exc:
+        print(f"\ninterrupted by {exc}: stopping everything", flush=True)
+        status = 128 + exc.signum
+    except DemoError as exc:
+        print(f"\ndemo failed: {exc}", file=sys.stderr, flush=True)
+        demo.show_logs()
+    except Exception:
+        traceback.print_exc()
+        demo.show_logs()
+    else:
+        status = 0
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        demo.cleanup()
+    return status
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(asyncio.run(main()))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(main())

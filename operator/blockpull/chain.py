@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockpull.errors import BaseNotInChain, DiskNotFound, InspectionUnsafe
+from blockpull.errors import BaseNotInChain, DiskBusy, DiskNotFound, InspectionUnsafe
 from blockpull.qmp import QMPConnection
 
 #: Drivers that sit above a format node without being an image of the chain.
@@ -261,6 +261,11 @@ def _walk_chain(graph: BlockGraph, top: str, disk: str) -> Iterable[Image]:
         current = _skip_filters(graph, current)
         info = graph.details.get(current)
         if info is None:
+            jobs = _jobs_using(graph, top)
+            if jobs:
+                # A job holds this disk (and put its own nodes into the chain): whoever asked
+                # must wait for it, which is what "busy" means to them.
+                raise DiskBusy(f"disk {disk!r} is busy with block job {', '.join(jobs)}")
             raise InspectionUnsafe(
                 f"no details for block node {current!r} of disk {disk!r} while a block job is "
                 "finishing on this VM; will retry"
@@ -274,6 +279,33 @@ def _walk_chain(graph: BlockGraph, top: str, disk: str) -> Iterable[Image]:
             virtual_size=int(image.get("virtual-size", 0)),
         )
         current = graph.child(current, "backing")
+
+
+def _jobs_using(graph: BlockGraph, top: str) -> list[str]:
+    """Ids of the block jobs with an edge to a node of the disk (its chain or filters above)."""
+    disk_nodes: set[int] = set()
+    pending = [graph.by_name[top]] if top in graph.by_name else []
+    while pending:  # everything below the top ...
+        node_id = pending.pop()
+        if node_id not in disk_nodes:
+            disk_nodes.add(node_id)
+            pending.extend(graph.nodes[node_id].children.values())
+    above = [graph.by_name[top]] if top in graph.by_name else []
+    while above:  # ... and the filters (and backends) above it
+        node_id = above.pop()
+        for node in graph.nodes.values():
+            if (
+                node.kind != "block-job"
+                and node_id in node.children.values()
+                and node.node_id not in disk_nodes
+            ):
+                disk_nodes.add(node.node_id)
+                above.append(node.node_id)
+    return sorted(
+        node.name
+        for node in graph.nodes.values()
+        if node.kind == "block-job" and disk_nodes.intersection(node.children.values())
+    )
 
 
 def _skip_filters(graph: BlockGraph, name: str) -> str:

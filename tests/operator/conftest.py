@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import CRD, AgentProcess, Cluster, Namespace
+from harness import CRD, AgentFactory, AgentProcess, Cluster, JobEvents, Namespace, VMFactory, socket_path
 
 from qemulab import Chain, Disk, QemuVM
 from qemulab.tmpdirs import remove_tree, short_tmpdir
@@ -71,9 +71,6 @@ def sockets() -> Iterator[Path]:
         remove_tree(path)
 
 
-AgentFactory = Callable[..., AgentProcess]
-
-
 @pytest.fixture
 def agent_factory(
     cluster: Cluster, ns: Namespace, sockets: Path, tmp_path: Path, request: pytest.FixtureRequest
@@ -117,9 +114,6 @@ def agent(agent_factory: AgentFactory) -> AgentProcess:
     return agent_factory()
 
 
-VMFactory = Callable[..., QemuVM]
-
-
 @pytest.fixture
 def vm_in(vm_factory: Callable[..., QemuVM], sockets: Path, ns: Namespace) -> VMFactory:
     """`vm_in(name, disks, namespace=<test ns>, start=True, **QemuVM kwargs)`: a QEMU reachable
@@ -139,8 +133,29 @@ def vm_in(vm_factory: Callable[..., QemuVM], sockets: Path, ns: Namespace) -> VM
     return factory
 
 
-def socket_path(sockets: Path, namespace: str, vm: str) -> Path:
-    return sockets / namespace / f"{vm}.qmp"
+@pytest.fixture
+def job_events() -> Iterator[Callable[[QemuVM], JobEvents]]:
+    """`job_events(vm)`: QEMU's job events of a VM started with `extra_monitors=1`."""
+    recorders: list[JobEvents] = []
+
+    def factory(vm: QemuVM) -> JobEvents:
+        recorder = JobEvents(vm.extra_sockets[0])
+        recorders.append(recorder)
+        return recorder
+
+    yield factory
+    for recorder in recorders:
+        recorder.close()
+
+
+@pytest.fixture
+def slow_chain(chain_factory: Callable[..., Chain]) -> Chain:
+    """Three layers, 32 MiB of data in the backing images: about 30 s at bandwidth 1Mi, so a
+    test can act on a job while it runs (and then lift the limit to finish it)."""
+    return chain_factory(layers=3, size=128 * MiB, pattern="spread", data_bytes=32 * MiB)
+
+
+MiB = 1 << 20
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

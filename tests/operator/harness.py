@@ -33,6 +33,11 @@ CRD = REPO / "crds" / "blockpull.dev_blockpulls.yaml"
 FINALIZER = "blockpull.dev/agent"
 
 
+def socket_path(sockets: Path, namespace: str, vm: str) -> Path:
+    """Where the tests' agents look for a VM's QMP socket (their template)."""
+    return sockets / namespace / f"{vm}.qmp"
+
+
 class Timeout(AssertionError):
     pass
 
@@ -137,15 +142,20 @@ class Namespace:
             status = self.status(name)
             return status if status.get("phase") in phases else None
 
-        result: dict[str, Any] = eventually(probe, timeout=timeout, what=f"{name} phase in {phases}")
-        return result
+        return self._wait(probe, timeout, name, f"phase in {phases}")
 
     def wait_reason(self, name: str, phase: str, reason: str, timeout: float = 30.0) -> dict[str, Any]:
         def probe() -> dict[str, Any] | None:
             status = self.status(name)
             return status if (status.get("phase"), status.get("reason")) == (phase, reason) else None
 
-        result: dict[str, Any] = eventually(probe, timeout=timeout, what=f"{name} {phase}/{reason}")
+        return self._wait(probe, timeout, name, f"{phase}/{reason}")
+
+    def _wait(self, probe: Callable[[], Any], timeout: float, name: str, what: str) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = eventually(probe, timeout=timeout, what=f"{name} {what}")
+        except Timeout as exc:
+            raise Timeout(f"{exc}\nstatus of {name}: {self.status(name)}") from None
         return result
 
     def wait_gone(self, name: str, timeout: float = 30.0) -> None:
@@ -355,3 +365,46 @@ def silent_socket(path: Path) -> Iterator[socket.socket]:
         server.close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+class JobEvents:
+    """QEMU's job events, recorded on a monitor of their own from a thread (tests are sync).
+
+    Proves what happened inside QEMU whatever the agent says: how many jobs were created, when
+    one concluded (QEMU's own timestamp)."""
+
+    def __init__(self, socket_path: Path) -> None:
+        import asyncio  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+
+        from qemulab import QemuWatcher  # noqa: PLC0415
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="job-events")
+        self._thread.start()
+        self.watcher = QemuWatcher(socket_path, names={"JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED"})
+        asyncio.run_coroutine_threadsafe(self.watcher.start(), self._loop).result(10)
+
+    def statuses(self, job_id: str) -> list[str]:
+        return [status for status, _ in self.watcher.job_statuses(job_id)]
+
+    def qemu_time(self, job_id: str, status: str) -> float | None:
+        times = [
+            ev.qemu_time
+            for ev in self.watcher.events("JOB_STATUS_CHANGE", job_id=job_id)
+            if ev.data.get("status") == status
+        ]
+        return times[-1] if times else None
+
+    def close(self) -> None:
+        import asyncio  # noqa: PLC0415
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.watcher.stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+AgentFactory = Callable[..., AgentProcess]
+VMFactory = Callable[..., Any]
