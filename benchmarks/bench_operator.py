@@ -201,6 +201,10 @@ class AgentProcess:
         }
         # An installed agent has its bytecode compiled; do not recompile on every start.
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+        for item in args.agent_env:
+            key, _, value = item.partition("=")
+            self.env[key] = value
+        self.profile: Path | None = Path(args.agent_profile).absolute() if args.agent_profile else None
         self.proc: subprocess.Popen[bytes] | None = None
         self.samples: list[ProcSample] = []
         self._sampling = threading.Event()
@@ -209,6 +213,8 @@ class AgentProcess:
 
     def start(self, timeout: float = 60.0) -> None:
         argv = [sys.executable, "-m", "blockpull.agent"]
+        if self.profile is not None:
+            argv = [sys.executable, "-m", "cProfile", "-o", str(self.profile), "-m", "blockpull.agent"]
         setpriv = shutil.which("setpriv")
         if setpriv:  # dies with this process even on SIGKILL (setpriv execs: same pid)
             argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
@@ -396,6 +402,7 @@ def dump_requests(path: Path, requests: Iterable[RecordedRequest]) -> None:
         for req in requests:
             record = {
                 "time": req.time,
+                "user": req.user,
                 "verb": req.verb,
                 "resource": req.resource,
                 "subresource": req.subresource,
@@ -648,7 +655,7 @@ async def run(args: argparse.Namespace) -> int:
         stats = split_writes(agent_writes[writes_before:] if writes_before else agent_writes)
         reads = Counter(r.verb for r in agent_requests if not r.is_write and r.is_resource_request)
         if args.dump_requests:
-            dump_requests(Path(args.dump_requests), agent_requests)
+            dump_requests(Path(args.dump_requests), server.requests)
     finally:
         if phase_watch is not None:
             phase_watch.stop()
@@ -884,6 +891,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--timeout", type=float, default=0.0, help="give up after this many seconds (default: from the rate)")
     add("--verify-sample", type=int, default=0, help="qemu-img compare this many disks (default 0: all)")
     add("--agent-log", default="/var/tmp/bench_operator-agent.log", help="where the agent's log is kept")
+    add("--agent-env", action="append", default=[], metavar="KEY=VALUE", help="more agent environment")
+    add("--agent-profile", metavar="FILE", help="run the agent under cProfile, writing FILE at its exit")
     add("--dump-requests", help="write the agent's requests to this file as JSON lines")
     add("--keep", action="store_true", help="keep the work directory (chains, kubeconfigs)")
     args = parser.parse_args(argv)

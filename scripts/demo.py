@@ -211,9 +211,9 @@ def read_line(proc: subprocess.Popen[bytes], buffer: bytearray, deadline: float)
                 return line
             return None
         buffer += chunk
-    line, _, rest = bytes(buffer).partition(b"\n")
+    first, _, rest = bytes(buffer).partition(b"\n")
     buffer[:] = rest
-    return line.decode(errors="replace")
+    return first.decode(errors="replace")
 
 
 def eventually(probe: Callable[[], bool], *, timeout: float, what: str) -> None:
@@ -359,7 +359,11 @@ class Demo:
             "chardev=bp,mode=control",
         ]
         self.vm = QemuVM([self.chain], socket_dir=self.wd / "qemu", extra_args=monitor)
-        shown(f"qemu-system-x86_64 -M none -blockdev ...(3 images)... {shlex.join(monitor)} &")
+        shown(
+            "qemu-system-x86_64 -M none -nodefaults -display none \\\n"
+            f"    -blockdev ...{' -blockdev ...'.join(p.name for p in self.chain.images)} \\\n"
+            f"    {shlex.join(monitor)} &"
+        )
         self.vm.start_sync()
         note(f"QEMU (pid {self.vm.pid}) runs with no guest; the agent will talk to it on {sock}")
         note(f"QEMU log: {self.vm.log_path}")
@@ -413,18 +417,27 @@ class Demo:
 
     def manifest(self) -> str:
         assert self.chain is not None
-        return (
-            f"apiVersion: blockpull.dev/v1alpha1\n"
-            f"kind: BlockPull\n"
-            f"metadata:\n"
-            f"  name: {OBJECT}\n"
-            f"  namespace: {NAMESPACE}\n"
-            f"spec:\n"
-            f"  nodeName: {NODE}   # only this node's agent acts on it\n"
-            f"  vm: {VM_NAME}          # QMP socket: {self.socket_template}\n"
-            f"  disk: {self.chain.top}   # the active image\n"
-            f"  bandwidth: {self.bandwidth}      # bytes/s, so that there is progress to watch\n"
-        )
+        socket_path = self.socket_template.format(namespace=NAMESPACE, vm=VM_NAME)
+        spec = [
+            (f"nodeName: {NODE}", "only this node's agent acts on it"),
+            (f"vm: {VM_NAME}", f"QMP socket: {socket_path}"),
+            (f"bandwidth: {self.bandwidth}", "bytes/s: slow enough to watch"),
+            (f"disk: {self.chain.top}", "the active image"),
+        ]
+        width = max(len(field) for field, _ in spec[:-1]) + 2
+        lines = [
+            "apiVersion: blockpull.dev/v1alpha1",
+            "kind: BlockPull",
+            "metadata:",
+            f"  name: {OBJECT}",
+            f"  namespace: {NAMESPACE}",
+            "spec:",
+            *(
+                f"  {field.ljust(width) if len(field) < width else field + '  '}# {comment}"
+                for field, comment in spec
+            ),
+        ]
+        return "\n".join(lines) + "\n"
 
     def apply(self) -> None:
         header(5, "creating the BlockPull (like deploy/samples/full-pull.yaml, throttled)")
@@ -522,12 +535,14 @@ class Demo:
         for name, stop, pid in steps:
             if pid is None:
                 continue
+            began = time.monotonic()
             try:
                 stop()
             except Exception as exc:
                 problems.append(f"stopping {name} (pid {pid}): {exc}")
             else:
-                stopped.append(f"{name} (pid {pid})")
+                took = time.monotonic() - began
+                stopped.append(f"{name} (pid {pid}{f', {took:.1f} s' if took >= 1 else ''})")
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             if self.workdir.exists():
@@ -543,7 +558,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--bandwidth", default="32Mi", help="the BlockPull's spec.bandwidth, bytes/s (default: %(default)s)"
+        "--bandwidth", default="16Mi", help="the BlockPull's spec.bandwidth, bytes/s (default: %(default)s)"
     )
     parser.add_argument(
         "--keep", action="store_true", help="at the end, leave the API stand-in and the agent up until Ctrl-C"

@@ -69,6 +69,12 @@ class _Aborted(Exception):
     """Deletion asked the runner to stop."""
 
 
+class _HeldPaused(TransientError):
+    """Created with spec.paused: QEMU cannot start a job paused, so it is not started yet."""
+
+    reason = "Paused"
+
+
 def job_id_for(uid: str) -> str:
     # Derived from the uid: unique per object and recomputable after an agent restart.
     return f"blockpull-{uid}"
@@ -92,6 +98,7 @@ class PullRunner:
         self._applied_bandwidth: int | None = None
         self._applied_paused: bool | None = None
         self.abort_outcome: str | None = None
+        self._trouble: str | None = None  # the last reason QEMU could not be reached
 
     # --- inputs from the manager ------------------------------------------------------------
 
@@ -111,6 +118,7 @@ class PullRunner:
         try:
             await self._run()
         except _Aborted:
+            await self._warn_if_unconfirmed()
             return
         except PermanentError as exc:
             await self._fail(exc.reason, exc.message)
@@ -131,6 +139,7 @@ class PullRunner:
                 await self._follow(conn)
                 return
             except Disconnected as exc:
+                self._trouble = exc.message
                 # QEMU went away mid-job. It may come back (a restart of the VM's QEMU): keep
                 # trying within the grace period, then record VMExited.
                 vm_gone_since = vm_gone_since or loop.time()
@@ -138,12 +147,24 @@ class PullRunner:
             except KubeAPIError:
                 raise  # the API, not the VM: the manager retries the whole runner
             except TransientError as exc:
+                self._trouble = exc.message
                 if vm_gone_since is not None:
                     await self._wait_for_vm_return(exc, loop.time() - vm_gone_since)
                 else:
                     await self._pending(exc.reason, exc.message)
             await self._sleep(backoff)
             backoff = min(backoff * 2, self.settings.pending_backoff_max)
+
+    async def _warn_if_unconfirmed(self) -> None:
+        """Deleted while QEMU could not be asked to cancel a job we had started: say so."""
+        if self.abort_outcome is not None or not self.reporter.status.get("startTime"):
+            return  # QEMU confirmed (or timed out, already reported), or no job was ever started
+        await self.reporter.event(
+            "Warning",
+            "AbortUnconfirmed",
+            f"deleted while QEMU could not be reached ({self._trouble or 'no answer'}); the finalizer "
+            f"is removed without QEMU confirming that job {self.job_id} is cancelled",
+        )
 
     async def _wait_for_vm_return(self, exc: BlockPullError, gone_for: float) -> None:
         if gone_for >= self.settings.vm_gone_grace:
@@ -178,6 +199,9 @@ class PullRunner:
                 "Warning", "Restarted", "QEMU no longer knows the job and the disk still needs its backing "
                 "images (QEMU restarted?); starting the pull again",
             )  # fmt: skip
+        if spec.paused:
+            # Starting then pausing would copy some data first; wait for paused=false instead.
+            raise _HeldPaused("spec.paused is true: the pull starts when it is set to false")
         request = stream.StreamRequest(
             disk=spec.disk,
             job_id=self.job_id,
