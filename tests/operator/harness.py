@@ -195,6 +195,13 @@ class Namespace:
     def event_reasons(self, name: str) -> list[str]:
         return [e["reason"] for e in self.events(name)]
 
+    def assert_event_reasons(self, name: str, expected: list[str], timeout: float = 5.0) -> None:
+        """The Events about `name` come to be exactly `expected` (they trail the status)."""
+        try:
+            eventually(lambda: self.event_reasons(name) == expected, timeout=timeout, what="events")
+        except Timeout:
+            assert self.event_reasons(name) == expected
+
     def wait_event(self, name: str, reason: str, timeout: float = 20.0) -> dict[str, Any]:
         def probe() -> dict[str, Any] | None:
             return next((e for e in self.events(name) if e["reason"] == reason), None)
@@ -317,11 +324,12 @@ class AgentProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def kill(self, sig: int = signal.SIGKILL, timeout: float = 30.0) -> int:
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 30.0, *, wait: bool = True) -> int | None:
+        """Send `sig`; wait for the exit unless `wait=False` (SIGSTOP, SIGCONT)."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+        return self.proc.wait(timeout) if wait else None
 
     def stop(self) -> int | None:
         """SIGTERM, the way the kubelet stops a pod; SIGKILL if it does not stop in time."""

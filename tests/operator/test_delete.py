@@ -90,6 +90,7 @@ def test_delete_with_qemu_silent_finishes_after_a_bounded_wait_with_a_warning(
         # BLOCKPULL_DELETE_TIMEOUT is 5 s in these tests (30 s by default).
         ns.wait_gone("hung", timeout=30)
         assert time.monotonic() - started < 20
+        ns.wait_event("hung", "AbortUnconfirmed")
         warnings = [e for e in ns.events("hung") if e["type"] == "Warning"]
         assert [w["reason"] for w in warnings] == ["AbortUnconfirmed"], warnings
         assert "without QEMU confirming" in warnings[0]["message"]
@@ -109,6 +110,7 @@ def test_delete_with_qemu_gone_finishes_with_a_warning(
     vm.kill()
     ns.delete("lost")
     ns.wait_gone("lost", timeout=30)
+    ns.wait_event("lost", "AbortUnconfirmed")
     warnings = [e for e in ns.events("lost") if e["type"] == "Warning"]
     assert [w["reason"] for w in warnings] == ["AbortUnconfirmed"], warnings
     assert_intact(slow_chain)

@@ -37,7 +37,7 @@ def test_bandwidth_edit_reaches_qemu_while_running(
     ns.patch_spec("bw", bandwidth=0)  # unlimited: finishes at once
     status = ns.wait_phase("bw", "Completed", "Failed")
     assert status["phase"] == "Completed", status
-    assert ns.event_reasons("bw") == ["Started", "BandwidthChanged", "BandwidthChanged", "Completed"]
+    ns.assert_event_reasons("bw", ["Started", "BandwidthChanged", "BandwidthChanged", "Completed"])
     vm.stop_sync()
     assert backing_chain(slow_chain.top) == [str(slow_chain.top)]
     assert compare(slow_chain.top, slow_chain.reference)
@@ -64,6 +64,7 @@ def test_pause_and_resume_edits_reach_qemu(
     ns.patch_spec("pz", paused=False, bandwidth=0)
     status = ns.wait_phase("pz", "Completed", "Failed", timeout=30)
     assert status["phase"] == "Completed", status
+    ns.wait_event("pz", "Completed")
     reasons = ns.event_reasons("pz")
     assert reasons[:2] == ["Started", "Paused"] and "Resumed" in reasons and reasons[-1] == "Completed"
     vm.stop_sync()

@@ -75,6 +75,10 @@ class _HeldPaused(TransientError):
     reason = "Paused"
 
 
+# completionTime is when the agent learned the outcome: QEMU keeps no time for a concluded job.
+_UNWATCHED = "the job ended while the agent was not watching; completionTime is when it was seen"
+
+
 def job_id_for(uid: str) -> str:
     # Derived from the uid: unique per object and recomputable after an agent restart.
     return f"blockpull-{uid}"
@@ -99,6 +103,7 @@ class PullRunner:
         self._applied_paused: bool | None = None
         self.abort_outcome: str | None = None
         self._trouble: str | None = None  # the last reason QEMU could not be reached
+        self._ended_unwatched = False  # re-attached to a job that had already ended
 
     # --- inputs from the manager ------------------------------------------------------------
 
@@ -182,6 +187,7 @@ class PullRunner:
         """Re-attach to our job if QEMU has it; otherwise start it (once)."""
         job = await stream.find_job(conn, self.job_id)
         if job is not None:
+            self._ended_unwatched = job.concluded
             if not job.concluded and "chain" not in self.reporter.status:
                 await self._record_chain(conn)
             return
@@ -251,6 +257,24 @@ class PullRunner:
         return str(target.get("base") or "") or self.state.spec.base
 
     async def _follow(self, conn: QMPConnection) -> None:
+        try:
+            await self._follow_job(conn)
+        except JobNotFound:
+            await self._vanished(conn)
+
+    async def _vanished(self, conn: QMPConnection) -> None:
+        """Our job disappeared from a QEMU that is still there: someone else dismissed it."""
+        verdict = await stream.judge_from_chain(conn, self.state.spec.disk, self._base_for_judging())
+        if verdict is stream.Result.COMPLETED:
+            await self._flush(conn)
+            await self._complete(None, "the job was dismissed outside BlockPull after it completed")
+            return
+        await self._fail(
+            "Cancelled",
+            "the QEMU job disappeared (cancelled and dismissed outside BlockPull); chain intact",
+        )
+
+    async def _follow_job(self, conn: QMPConnection) -> None:
         """Follow the job to its end, applying spec changes, deadline and abort on the way."""
         await self._apply_spec(conn, initial=True)
         waiter = asyncio.create_task(
@@ -387,14 +411,27 @@ class PullRunner:
 
     async def _finish(self, conn: QMPConnection, outcome: stream.Outcome) -> None:
         if outcome.result is stream.Result.COMPLETED:
-            await self._complete(outcome, None)
+            await self._flush(conn)
+            await self._complete(outcome, _UNWATCHED if self._ended_unwatched else None)
         elif outcome.result is stream.Result.FAILED:
-            await self._fail("IOError", outcome.error or "the job failed", outcome)
+            note = f" ({_UNWATCHED})" if self._ended_unwatched else ""
+            await self._fail("IOError", (outcome.error or "the job failed") + note, outcome)
         else:
             await self._fail(
                 "Cancelled", "the QEMU job was cancelled outside BlockPull; chain intact", outcome
             )
         await self._dismiss(conn)
+
+    async def _flush(self, conn: QMPConnection) -> None:
+        # QEMU 7.2 may hold the copied clusters' metadata in its cache after completion; a
+        # SIGKILL then would lose them. Flush before telling anyone the pull is done.
+        node = (self.reporter.status.get("target") or {}).get("node")
+        if not node:
+            return
+        try:
+            await stream.flush_disk(conn, str(node))
+        except BlockPullError as exc:
+            log.warning("%s: flushing %s after completion failed: %s", self.state.ref, node, exc)
 
     async def _dismiss(self, conn: QMPConnection) -> None:
         # Only now that the outcome is in .status may QEMU forget the job.

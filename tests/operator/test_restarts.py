@@ -1,0 +1,173 @@
+"""Outcomes are never lost or repeated: agent killed mid-job, agent down while the job ends,
+finished objects re-applied, replaced (kopf's annotations wiped) and resynced."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import signal
+import time
+from collections.abc import Callable
+
+from harness import AgentProcess, JobEvents, Namespace, VMFactory, eventually
+
+from qemulab import Chain, QemuVM, backing_chain, check, compare
+
+
+def seconds(rfc3339: str) -> int:
+    return calendar.timegm(time.strptime(rfc3339, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def test_agent_sigkilled_mid_job_reattaches_to_the_same_qemu_job(
+    ns: Namespace,
+    agent: AgentProcess,
+    slow_chain: Chain,
+    vm_in: VMFactory,
+    job_events: Callable[[QemuVM], JobEvents],
+) -> None:
+    vm = vm_in("web-1", [slow_chain], extra_monitors=1)
+    events = job_events(vm)
+    ns.create("survivor", nodeName="node-a", vm="web-1", disk=vm.disks[0].top, bandwidth="1Mi")
+    job_id = ns.wait_phase("survivor", "Running")["jobId"]
+    eventually(lambda: ns.status("survivor").get("offset", 0) > 0, what="progress before the kill")
+
+    agent.kill()  # SIGKILL: no cleanup at all
+    before = ns.status("survivor")["offset"]
+    time.sleep(1.5)
+    jobs = vm.execute_sync("query-block-jobs")
+    assert [j["device"] for j in jobs] == [job_id]  # QEMU carries on without the agent
+    assert jobs[0]["offset"] >= before
+
+    agent.start()
+    # Re-attached: progress resumes from where QEMU is, not from zero.
+    eventually(
+        lambda: ns.status("survivor").get("offset", 0) > jobs[0]["offset"], what="progress after restart"
+    )
+    assert ns.status("survivor")["phase"] == "Running"
+    ns.patch_spec("survivor", bandwidth=0)
+    status = ns.wait_phase("survivor", "Completed", "Failed")
+    assert status["phase"] == "Completed", status
+    assert status["jobId"] == job_id
+    # One QEMU job, from start to end; one Started event.
+    assert events.statuses(job_id).count("created") == 1
+    assert "concluded" in events.statuses(job_id)
+    ns.assert_event_reasons("survivor", ["Started", "BandwidthChanged", "Completed"])
+    assert status["releasedImages"] == [str(p) for p in reversed(slow_chain.images[:-1])]
+    eventually(lambda: vm.execute_sync("query-jobs") == [], timeout=5, what="job dismissed")
+    vm.stop_sync()
+    assert backing_chain(slow_chain.top) == [str(slow_chain.top)]
+    assert compare(slow_chain.top, slow_chain.reference)
+    assert check(slow_chain.top).clean
+
+
+def test_job_that_ends_while_the_agent_is_down_is_reported_then_dismissed(
+    ns: Namespace,
+    agent: AgentProcess,
+    slow_chain: Chain,
+    vm_in: VMFactory,
+    job_events: Callable[[QemuVM], JobEvents],
+) -> None:
+    vm = vm_in("web-1", [slow_chain], extra_monitors=1)
+    events = job_events(vm)
+    ns.create("offline", nodeName="node-a", vm="web-1", disk=vm.disks[0].top, bandwidth="1Mi")
+    job_id = ns.wait_phase("offline", "Running")["jobId"]
+    assert agent.stop() == 0  # SIGTERM, as the kubelet does: QEMU keeps the job
+
+    vm.execute_sync("block-job-set-speed", {"device": job_id, "speed": 0})
+    eventually(lambda: "concluded" in events.statuses(job_id), timeout=30, what="job concluded in QEMU")
+    concluded_at = events.qemu_time(job_id, "concluded")
+    assert concluded_at is not None
+    # Nobody dismissed it: QEMU keeps the concluded job (auto-dismiss false) for the agent.
+    assert [j["status"] for j in vm.execute_sync("query-jobs")] == ["concluded"]
+    assert ns.status("offline")["phase"] == "Running"
+    time.sleep(1.2)
+
+    agent.start()
+    status = ns.wait_phase("offline", "Completed", "Failed")
+    assert status["phase"] == "Completed", status
+    # completionTime: not before QEMU concluded, not after the agent saw it.
+    assert int(concluded_at) <= seconds(status["completionTime"]) <= time.time() + 1
+    assert "ended while the agent was not watching" in status["message"]
+    assert status["releasedImages"] == [str(p) for p in reversed(slow_chain.images[:-1])]
+    eventually(lambda: vm.execute_sync("query-jobs") == [], timeout=5, what="job dismissed")
+    assert events.statuses(job_id).count("created") == 1
+    ns.assert_event_reasons("offline", ["Started", "Completed"])
+    vm.stop_sync()
+    assert compare(slow_chain.top, slow_chain.reference)
+
+
+def test_finished_object_reapplied_replaced_and_resynced_never_runs_again(
+    ns: Namespace,
+    agent: AgentProcess,
+    chain4: Chain,
+    vm_in: VMFactory,
+    job_events: Callable[[QemuVM], JobEvents],
+) -> None:
+    vm = vm_in("web-1", [chain4], extra_monitors=1)
+    events = job_events(vm)
+    manifest = ns.manifest("gitops", nodeName="node-a", vm="web-1", disk=str(chain4.top))
+    ns.apply(manifest)
+    done = ns.wait_phase("gitops", "Completed")
+    eventually(lambda: vm.execute_sync("query-jobs") == [], timeout=5, what="job dismissed")
+    job_id = done["jobId"]
+    time.sleep(1)  # let the agent settle (finalizer release and the like)
+    settled = ns.status("gitops")
+
+    # A GitOps tool re-applies the same manifest forever.
+    for _ in range(3):
+        assert "unchanged" in ns.apply(manifest).stdout
+    # `kubectl replace` drops every annotation kopf or kubectl had put on the object.
+    live = ns.get("gitops")
+    assert live is not None
+    replaced = {**manifest, "metadata": {"name": "gitops", "namespace": ns.name}}
+    ns.kubectl("replace", "-f", "-", input=json.dumps(replaced))
+    assert not (ns.get("gitops") or {})["metadata"].get("annotations")
+    # And the agent restarts (a resync of everything).
+    agent.stop()
+    agent.start()
+    time.sleep(2)
+
+    assert ns.status("gitops") == settled
+    assert events.statuses(job_id).count("created") == 1
+    assert [ev for ev in events.watcher.events("JOB_STATUS_CHANGE") if ev.job_id != job_id] == []
+    ns.assert_event_reasons("gitops", ["Started", "Completed"])
+    assert vm.execute_sync("query-jobs") == []
+
+
+def test_job_dismissed_by_someone_else_is_judged_from_the_chain(
+    ns: Namespace, agent: AgentProcess, slow_chain: Chain, vm_in: VMFactory
+) -> None:
+    vm = vm_in("web-1", [slow_chain])
+    ns.create("stolen", nodeName="node-a", vm="web-1", disk=vm.disks[0].top, bandwidth="1Mi")
+    job_id = ns.wait_phase("stolen", "Running")["jobId"]
+    # An admin finishes the job by hand and dismisses it (e.g. `blockpull wait` on the node),
+    # before the agent can (frozen meanwhile, so that the race is decided).
+    agent.kill(signal.SIGSTOP, wait=False)
+    try:
+        vm.execute_sync("block-job-set-speed", {"device": job_id, "speed": 0})
+        eventually(
+            lambda: [j["status"] for j in vm.execute_sync("query-jobs")] == ["concluded"], what="concluded"
+        )
+        vm.execute_sync("job-dismiss", {"id": job_id})
+    finally:
+        agent.kill(signal.SIGCONT, wait=False)
+    status = ns.wait_phase("stolen", "Completed", "Failed")
+    assert status["phase"] == "Completed", status
+    vm.stop_sync()
+    assert backing_chain(slow_chain.top) == [str(slow_chain.top)]
+    assert compare(slow_chain.top, slow_chain.reference)
+
+
+def test_job_cancelled_by_someone_else_fails_cancelled_with_the_chain_intact(
+    ns: Namespace, agent: AgentProcess, slow_chain: Chain, vm_in: VMFactory
+) -> None:
+    vm = vm_in("web-1", [slow_chain])
+    ns.create("cancelled", nodeName="node-a", vm="web-1", disk=vm.disks[0].top, bandwidth="1Mi")
+    job_id = ns.wait_phase("cancelled", "Running")["jobId"]
+    vm.execute_sync("job-cancel", {"id": job_id})
+    status = ns.wait_phase("cancelled", "Completed", "Failed")
+    assert (status["phase"], status["reason"]) == ("Failed", "Cancelled"), status
+    assert "outside BlockPull" in status["message"]
+    vm.stop_sync()
+    assert backing_chain(slow_chain.top) == [str(p) for p in reversed(slow_chain.images)]
+    assert compare(slow_chain.top, slow_chain.reference)
