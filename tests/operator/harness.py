@@ -188,6 +188,7 @@ class Namespace:
                 "reason": e.reason,
                 "message": e.message,
                 "component": e.source.component if e.source else None,
+                "host": e.source.host if e.source else None,
             }
             for e in items
         ]

@@ -41,7 +41,9 @@ def configure(settings: kopf.OperatorSettings, agent_settings: AgentSettings) ->
     )
     # The API server sends this agent only its node's objects (CRD selectableFields), so
     # agents never see, let alone patch, each other's objects or finalizers.
-    settings.watching.field_selectors[f"{GROUP}/{PLURAL}"] = f"spec.nodeName={agent_settings.node_name}"
+    # The key is a kopf resource selector: (group, plural). ("group/plural" as one string
+    # would be parsed as a name in the group "dev/blockpulls" and match nothing.)
+    settings.watching.field_selectors[(GROUP, PLURAL)] = f"spec.nodeName={agent_settings.node_name}"
     settings.posting.level = logging.WARNING
     settings.networking.request_timeout = 60
     settings.watching.server_timeout = 300
