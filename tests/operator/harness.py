@@ -33,6 +33,14 @@ CRD = REPO / "crds" / "blockpull.dev_blockpulls.yaml"
 FINALIZER = "blockpull.dev/agent"
 
 
+def assert_no_jobs(vm: Any, timeout: float = 5.0) -> None:
+    """QEMU holds no job (any more): the agent dismisses a job right after writing its outcome."""
+    try:
+        eventually(lambda: vm.execute_sync("query-jobs") == [], timeout=timeout, what="no job in QEMU")
+    except Timeout:
+        assert vm.execute_sync("query-jobs") == []
+
+
 def socket_path(sockets: Path, namespace: str, vm: str) -> Path:
     """Where the tests' agents look for a VM's QMP socket (their template)."""
     return sockets / namespace / f"{vm}.qmp"
@@ -269,7 +277,8 @@ class AgentProcess:
     ) -> None:
         self.cluster = cluster
         self.node = node
-        self.user = f"agent-{node}"
+        # Unique per process: the stand-in is shared by the session's tests.
+        self.user = f"agent-{node}-{os.urandom(3).hex()}"
         self.socket_dir = socket_dir
         self.log_path = log_path
         self.port = free_port()
@@ -417,3 +426,36 @@ class JobEvents:
 
 AgentFactory = Callable[..., AgentProcess]
 VMFactory = Callable[..., Any]
+
+
+@contextlib.contextmanager
+def chatty_socket(path: Path, greeting: bytes) -> Iterator[None]:
+    """A unix socket that answers every connection with `greeting` and hangs up (not QEMU)."""
+    import threading  # noqa: PLC0415
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(16)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(greeting)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import time
 
-from harness import FINALIZER, AgentProcess, Namespace, VMFactory, eventually
+from harness import FINALIZER, AgentProcess, Namespace, VMFactory, assert_no_jobs, eventually
 
 from qemulab import Chain, backing_chain, check, compare
 
@@ -28,7 +28,7 @@ def test_delete_while_running_cancels_the_job(
     ns.delete("run")
     ns.wait_gone("run", timeout=15)
     assert time.monotonic() - started < 5  # gone as soon as QEMU confirmed
-    assert vm.execute_sync("query-jobs") == []
+    assert_no_jobs(vm)
     cancelled = ns.wait_event("run", "Cancelled")
     assert cancelled["type"] == "Normal" and "chain intact" in cancelled["message"]
     assert vm.alive
@@ -46,7 +46,7 @@ def test_delete_while_paused_cancels_the_job(
     ns.wait_phase("pz", "Paused")
     ns.delete("pz")
     ns.wait_gone("pz", timeout=15)
-    assert vm.execute_sync("query-jobs") == []
+    assert_no_jobs(vm)
     assert ns.wait_event("pz", "Cancelled")["type"] == "Normal"
     vm.stop_sync()
     assert_intact(slow_chain)
@@ -73,7 +73,7 @@ def test_finished_object_carries_no_finalizer_and_goes_even_without_an_agent(
     agent.stop()
     ns.delete("done")
     ns.wait_gone("done", timeout=5)
-    assert vm.execute_sync("query-jobs") == []  # and QEMU was not asked anything
+    assert_no_jobs(vm)  # and QEMU was not asked anything
 
 
 def test_delete_with_qemu_silent_finishes_after_a_bounded_wait_with_a_warning(

@@ -6,7 +6,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from harness import AgentFactory, AgentProcess, Namespace, VMFactory, eventually, silent_socket, socket_path
+from harness import (
+    AgentFactory,
+    AgentProcess,
+    Namespace,
+    VMFactory,
+    assert_no_jobs,
+    silent_socket,
+    socket_path,
+)
 
 from qemulab import Chain, Disk, InjectError, backing_chain, check, compare
 
@@ -56,7 +64,7 @@ def test_full_pull_completes_with_every_status_field(
     assert [(e["type"], e["reason"]) for e in events] == [("Normal", "Started"), ("Normal", "Completed")]
     assert events[1]["message"] == status["message"]
     # The outcome is written, so QEMU may forget the job: it is dismissed right after.
-    eventually(lambda: vm.execute_sync("query-jobs") == [], timeout=5, what="job dismissed")
+    assert_no_jobs(vm)
     vm.stop_sync()
     assert_flattened(chain4)
 
@@ -149,7 +157,7 @@ def test_io_error_fails_with_qemus_message_and_leaves_the_chain_intact(
     events = ns.events("eio")
     assert [(e["type"], e["reason"]) for e in events] == [("Normal", "Started"), ("Warning", "Failed")]
     assert "Input/output error" in events[-1]["message"]
-    assert vm.execute_sync("query-jobs") == []
+    assert_no_jobs(vm)
     assert vm.alive
     vm.stop_sync()
     assert_intact(chain4)
@@ -165,7 +173,8 @@ def test_unknown_disk_fails_with_disk_not_found(
     assert "vdz" in status["message"]
     ns.assert_event_reasons("nodisk", ["Failed"])
     assert "jobId" not in status
-    assert vm.execute_sync("query-jobs") == [] and vm.alive
+    assert_no_jobs(vm)
+    assert vm.alive
     vm.stop_sync()
     assert_intact(chain4)
 
@@ -178,7 +187,8 @@ def test_base_outside_the_chain_fails_with_base_not_in_chain(
     status = ns.wait_phase("nobase", "Completed", "Failed")
     assert (status["phase"], status["reason"]) == ("Failed", "BaseNotInChain"), status
     assert "/images/elsewhere.qcow2" in status["message"]
-    assert vm.execute_sync("query-jobs") == [] and vm.alive
+    assert_no_jobs(vm)
+    assert vm.alive
     vm.stop_sync()
     assert_intact(chain4)
 
@@ -237,6 +247,6 @@ def test_deadline_while_running_cancels_the_job_and_fails(
     assert (status["phase"], status["reason"]) == ("Failed", "DeadlineExceeded"), status
     assert "job cancelled at" in status["message"] and "chain intact" in status["message"]
     assert 0 < status["offset"] < status["length"]
-    assert vm.execute_sync("query-jobs") == []
+    assert_no_jobs(vm)
     vm.stop_sync()
     assert_intact(slow_chain)

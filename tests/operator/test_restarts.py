@@ -9,8 +9,9 @@ import signal
 import time
 from collections.abc import Callable
 
-from harness import AgentProcess, JobEvents, Namespace, VMFactory, eventually
+from harness import AgentProcess, JobEvents, Namespace, VMFactory, assert_no_jobs, eventually
 
+from blockpull.agent import status as st
 from qemulab import Chain, QemuVM, backing_chain, check, compare
 
 
@@ -53,7 +54,7 @@ def test_agent_sigkilled_mid_job_reattaches_to_the_same_qemu_job(
     assert "concluded" in events.statuses(job_id)
     ns.assert_event_reasons("survivor", ["Started", "BandwidthChanged", "Completed"])
     assert status["releasedImages"] == [str(p) for p in reversed(slow_chain.images[:-1])]
-    eventually(lambda: vm.execute_sync("query-jobs") == [], timeout=5, what="job dismissed")
+    assert_no_jobs(vm)
     vm.stop_sync()
     assert backing_chain(slow_chain.top) == [str(slow_chain.top)]
     assert compare(slow_chain.top, slow_chain.reference)
@@ -71,7 +72,9 @@ def test_job_that_ends_while_the_agent_is_down_is_reported_then_dismissed(
     events = job_events(vm)
     ns.create("offline", nodeName="node-a", vm="web-1", disk=vm.disks[0].top, bandwidth="1Mi")
     job_id = ns.wait_phase("offline", "Running")["jobId"]
+    stopping = time.monotonic()
     assert agent.stop() == 0  # SIGTERM, as the kubelet does: QEMU keeps the job
+    assert time.monotonic() - stopping < 3  # prompt, well inside a pod's grace period
 
     vm.execute_sync("block-job-set-speed", {"device": job_id, "speed": 0})
     eventually(lambda: "concluded" in events.statuses(job_id), timeout=30, what="job concluded in QEMU")
@@ -89,7 +92,7 @@ def test_job_that_ends_while_the_agent_is_down_is_reported_then_dismissed(
     assert int(concluded_at) <= seconds(status["completionTime"]) <= time.time() + 1
     assert "ended while the agent was not watching" in status["message"]
     assert status["releasedImages"] == [str(p) for p in reversed(slow_chain.images[:-1])]
-    eventually(lambda: vm.execute_sync("query-jobs") == [], timeout=5, what="job dismissed")
+    assert_no_jobs(vm)
     assert events.statuses(job_id).count("created") == 1
     ns.assert_event_reasons("offline", ["Started", "Completed"])
     vm.stop_sync()
@@ -108,7 +111,7 @@ def test_finished_object_reapplied_replaced_and_resynced_never_runs_again(
     manifest = ns.manifest("gitops", nodeName="node-a", vm="web-1", disk=str(chain4.top))
     ns.apply(manifest)
     done = ns.wait_phase("gitops", "Completed")
-    eventually(lambda: vm.execute_sync("query-jobs") == [], timeout=5, what="job dismissed")
+    assert_no_jobs(vm)
     job_id = done["jobId"]
     time.sleep(1)  # let the agent settle (finalizer release and the like)
     settled = ns.status("gitops")
@@ -131,7 +134,7 @@ def test_finished_object_reapplied_replaced_and_resynced_never_runs_again(
     assert events.statuses(job_id).count("created") == 1
     assert [ev for ev in events.watcher.events("JOB_STATUS_CHANGE") if ev.job_id != job_id] == []
     ns.assert_event_reasons("gitops", ["Started", "Completed"])
-    assert vm.execute_sync("query-jobs") == []
+    assert_no_jobs(vm)
 
 
 def test_job_dismissed_by_someone_else_is_judged_from_the_chain(
@@ -171,3 +174,31 @@ def test_job_cancelled_by_someone_else_fails_cancelled_with_the_chain_intact(
     vm.stop_sync()
     assert backing_chain(slow_chain.top) == [str(p) for p in reversed(slow_chain.images)]
     assert compare(slow_chain.top, slow_chain.reference)
+
+
+def test_a_concluded_job_left_behind_by_a_finished_object_is_dismissed_at_start(
+    ns: Namespace, agent: AgentProcess, chain4: Chain, vm_in: VMFactory
+) -> None:
+    # The agent writes the outcome, then dismisses the job; killed in between, it leaves a
+    # Completed object and a concluded job in QEMU. Build exactly that state by hand.
+    agent.kill()
+    vm = vm_in("web-1", [chain4])
+    created = ns.create("leftover", nodeName="node-a", vm="web-1", disk=vm.disks[0].top)
+    job_id = f"blockpull-{created['metadata']['uid']}"
+    vm.execute_sync("block-stream", {"job-id": job_id, "device": vm.disks[0].top, "auto-dismiss": False})
+    eventually(
+        lambda: [j["status"] for j in vm.execute_sync("query-jobs")] == ["concluded"], what="concluded"
+    )
+    # The status the agent writes on completion (same code), written here instead.
+    view = st.StatusView(
+        phase=st.COMPLETED, reason="Completed", message="streamed", job_id=job_id,
+        completion_time=st.now_rfc3339(),
+    )  # fmt: skip
+    status = st.build_status(None, view, generation=1, now=st.now_rfc3339(), node_name="node-a")
+    ns.custom.patch_namespaced_custom_object_status(
+        "blockpull.dev", "v1alpha1", ns.name, "blockpulls", "leftover", {"status": status}
+    )
+    agent.start()
+    assert_no_jobs(vm, timeout=10)
+    assert ns.status("leftover")["phase"] == "Completed"
+    assert ns.event_reasons("leftover") == []  # nothing reported twice

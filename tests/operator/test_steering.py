@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from harness import AgentProcess, Namespace, VMFactory, eventually
+from harness import AgentProcess, Namespace, VMFactory, assert_no_jobs, eventually
 
 from qemulab import Chain, backing_chain, compare
 
@@ -79,7 +79,7 @@ def test_created_paused_waits_without_a_job_and_runs_when_unpaused(
     status = ns.wait_reason("born-paused", "Pending", "Paused", timeout=10)
     assert status["message"] == "spec.paused is true: the pull starts when it is set to false"
     time.sleep(1)
-    assert vm.execute_sync("query-jobs") == []  # QEMU cannot start a job paused: none yet
+    assert_no_jobs(vm)  # QEMU cannot start a job paused: none yet
     ns.patch_spec("born-paused", paused=False)
     assert ns.wait_phase("born-paused", "Completed", "Failed")["phase"] == "Completed"
     vm.stop_sync()

@@ -26,6 +26,9 @@ from blockpull.errors import BlockPullError, InvalidSpec
 
 log = logging.getLogger(__name__)
 
+#: How long a shutdown waits for runners that are writing an outcome and dismissing the job.
+SHUTDOWN_GRACE = 3.0
+
 
 class Agent:
     def __init__(self, settings: AgentSettings, kube: KubeAPI, vms: VMConnections) -> None:
@@ -35,6 +38,7 @@ class Agent:
         self._runners: dict[str, tuple[PullRunner, asyncio.Task[None]]] = {}
         self._ttl: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._swept: set[str] = set()  # finished objects checked for a leftover QEMU job
 
     # --- observations -------------------------------------------------------------------------
 
@@ -49,6 +53,7 @@ class Agent:
         status = body.get("status") or {}
         if st.is_terminal(status):
             self._schedule_ttl(ref, body)
+            self._sweep_once(ref, body)
             return
         generation = int(meta.get("generation", 1))
         running = self._runners.get(ref.uid)
@@ -118,6 +123,31 @@ class Agent:
             return
         finally:
             self._runners.pop(ref.uid, None)
+
+    def _sweep_once(self, ref: ObjectRef, body: Mapping[str, Any]) -> None:
+        """Once per agent run, dismiss a finished object's job left concluded in QEMU.
+
+        The outcome is written before the job is dismissed; an agent killed in between leaves
+        a concluded job behind, which nothing else would ever remove.
+        """
+        if ref.uid in self._swept or ref.uid in self._runners:
+            return
+        self._swept.add(ref.uid)
+        job_id = (body.get("status") or {}).get("jobId")
+        if job_id:
+            self._spawn(self._dismiss_leftover(ref, body, str(job_id)))
+
+    async def _dismiss_leftover(self, ref: ObjectRef, body: Mapping[str, Any], job_id: str) -> None:
+        try:
+            spec = PullSpec.from_spec(body.get("spec", {}))
+            socket = self.settings.socket_template.path_for(ref.namespace, spec.vm)
+            conn = await self.vms.get(socket)  # VMNotFound: the VM is gone, and its jobs with it
+            job = await stream.find_job(conn, job_id)
+            if job is not None and job.concluded:
+                await stream.dismiss(conn, job_id)
+                log.info("%s: dismissed concluded job %s left from an earlier run", ref, job_id)
+        except BlockPullError as exc:
+            log.debug("%s: no leftover job check (%s)", ref, exc)
 
     # --- deletion -----------------------------------------------------------------------------
 
@@ -217,7 +247,14 @@ class Agent:
         return len(self._runners)
 
     async def shutdown(self) -> None:
-        """Stop following jobs (QEMU keeps running them) and close connections."""
+        """Stop following jobs (QEMU keeps running them) and close connections.
+
+        Runners already finishing (outcome being written, job being dismissed) get a moment to
+        end: cancelling them there would leave a concluded job in QEMU for the next start.
+        """
+        finishing = [task for runner, task in self._runners.values() if runner.finishing]
+        if finishing:
+            await asyncio.wait(finishing, timeout=SHUTDOWN_GRACE)
         tasks = [task for _, task in self._runners.values()] + [task for _, task in self._ttl.values()]
         for task in tasks:
             task.cancel()

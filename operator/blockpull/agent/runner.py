@@ -104,6 +104,9 @@ class PullRunner:
         self.abort_outcome: str | None = None
         self._trouble: str | None = None  # the last reason QEMU could not be reached
         self._ended_unwatched = False  # re-attached to a job that had already ended
+        #: The job has ended and its outcome is being written and the job dismissed: a
+        #: shutdown lets this finish (briefly) rather than leave a concluded job in QEMU.
+        self.finishing = False
 
     # --- inputs from the manager ------------------------------------------------------------
 
@@ -264,6 +267,7 @@ class PullRunner:
 
     async def _vanished(self, conn: QMPConnection) -> None:
         """Our job disappeared from a QEMU that is still there: someone else dismissed it."""
+        self.finishing = True
         verdict = await stream.judge_from_chain(conn, self.state.spec.disk, self._base_for_judging())
         if verdict is stream.Result.COMPLETED:
             await self._flush(conn)
@@ -287,11 +291,15 @@ class PullRunner:
                 changed = asyncio.create_task(self._changed.wait())
                 abort = asyncio.create_task(self._abort.wait())
                 timeout = self._seconds_to_deadline()
-                done, _ = await asyncio.wait(
-                    {waiter, changed, abort}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                changed.cancel()
-                abort.cancel()
+                try:
+                    done, _ = await asyncio.wait(
+                        {waiter, changed, abort}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    # Also when the runner itself is cancelled (agent shutdown): a leaked wait
+                    # task makes kopf wait for "hung tasks" before the process can exit.
+                    changed.cancel()
+                    abort.cancel()
                 if waiter in done:
                     await self._finish(conn, waiter.result())
                     return
@@ -375,6 +383,7 @@ class PullRunner:
         self, conn: QMPConnection, waiter: asyncio.Task[stream.Outcome], *, reason: str | None
     ) -> None:
         """Cancel the job and wait (bounded) for QEMU to confirm how it ended."""
+        self.finishing = True
         await stream.cancel(conn, self.job_id)
         try:
             outcome = await asyncio.wait_for(asyncio.shield(waiter), self.settings.delete_timeout)
@@ -410,6 +419,7 @@ class PullRunner:
         await self._dismiss(conn)
 
     async def _finish(self, conn: QMPConnection, outcome: stream.Outcome) -> None:
+        self.finishing = True
         if outcome.result is stream.Result.COMPLETED:
             await self._flush(conn)
             await self._complete(outcome, _UNWATCHED if self._ended_unwatched else None)
@@ -519,9 +529,11 @@ class PullRunner:
             seconds = min(seconds, deadline + 0.05)
         abort = asyncio.create_task(self._abort.wait())
         changed = asyncio.create_task(self._changed.wait())
-        await asyncio.wait({abort, changed}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        abort.cancel()
-        changed.cancel()
+        try:
+            await asyncio.wait({abort, changed}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abort.cancel()
+            changed.cancel()
         self._changed.clear()
 
 
