@@ -41,7 +41,7 @@ from pathlib import Path
 from types import FrameType
 
 from qemulab import Chain, QemuVM, backing_chain, check, compare, make_chain, short_tmpdir
-from qemulab.tools import missing_tools
+from qemulab.tools import QEMU_IMG, QEMU_IO, QEMU_SYSTEM
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "crds" / "blockpull.dev_blockpulls.yaml"
@@ -68,8 +68,8 @@ class DemoError(Exception):
     """A step failed; the message says what went wrong."""
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived: stop what runs, clean up, exit 128+signal."""
+class Interrupted(Exception):
+    """SIGINT, SIGTERM or SIGHUP arrived: stop what runs, clean up, exit 128+signal."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -77,36 +77,64 @@ class Interrupted(BaseException):
 
 
 # --------------------------------------------------------------------------- signals
+#
+# The handler only records the signal; `checkpoint()` raises `Interrupted` at points where
+# everything started so far is recorded for `cleanup`. An exception raised straight from a
+# handler could land between fork and bookkeeping (inside `subprocess.Popen`, say) and leave a
+# process nobody stops. Waits poll at least every 0.2 s, so an interrupt still acts at once.
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_received: list[int] = []
+_stopping = False
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signum)
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+    if _stopping:
+        # os.write, not print: print could be re-entered while the main code is printing.
+        msg = f"({signal.Signals(signum).name}: already stopping everything, one moment)\n"
+        with contextlib.suppress(OSError):
+            os.write(sys.stderr.fileno(), msg.encode())
 
 
-def _note_signal(signum: int, frame: FrameType | None) -> None:
-    print(f"({signal.Signals(signum).name}: already stopping everything, one moment)", flush=True)
+def handle_signals() -> None:
+    for sig in _SIGNALS:
+        signal.signal(sig, _on_signal)
 
 
-def interruptible(on: bool) -> None:
-    """SIGINT/SIGTERM raise `Interrupted` (on), or only print a note (off, while cleaning up)."""
-    handler = _raise_interrupted if on else _note_signal
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+def stopping() -> None:
+    """From here on a signal no longer interrupts anything (the clean-up runs to its end)."""
+    global _stopping  # noqa: PLW0603 - one process, one clean-up
+    _stopping = True
+
+
+def interrupted_by() -> int | None:
+    """The first signal received, if any."""
+    return _received[0] if _received else None
+
+
+def checkpoint() -> None:
+    """Raise `Interrupted` if a signal arrived (only call where nothing started is unrecorded)."""
+    if _received and not _stopping:
+        raise Interrupted(_received[0])
 
 
 # --------------------------------------------------------------------------- output
 
 
 def header(number: int, title: str) -> None:
+    checkpoint()
     print(f"\n{BOLD}{number}/{STEPS} {title}{RESET}", flush=True)
 
 
 def note(text: str) -> None:
+    checkpoint()
     print(f"{DIM}# {text}{RESET}", flush=True)
 
 
 def shown(command: str) -> None:
     """Print a command the way a user would type it."""
+    checkpoint()
     print(f"{BOLD}${RESET} {command}", flush=True)
 
 
@@ -197,10 +225,11 @@ def read_line(proc: subprocess.Popen[bytes], buffer: bytearray, deadline: float)
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     while b"\n" not in buffer:
+        checkpoint()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DemoError(f"timed out waiting for output of pid {proc.pid}")
-        ready, _, _ = select.select([fd], [], [], min(remaining, 1.0))
+        ready, _, _ = select.select([fd], [], [], min(remaining, 0.2))
         if not ready:
             continue
         chunk = os.read(fd, 65536)
@@ -219,6 +248,7 @@ def read_line(proc: subprocess.Popen[bytes], buffer: bytearray, deadline: float)
 def eventually(probe: Callable[[], bool], *, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not probe():
+        checkpoint()
         if time.monotonic() > deadline:
             raise DemoError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.1)
@@ -285,21 +315,25 @@ class Demo:
         if only is not None:
             command += f" | {only[0]}"
         shown(command)
-        done = subprocess.run(
-            list(argv),
-            cwd=cwd,
-            env=self.kube_env(),
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        try:
+            done = subprocess.run(
+                list(argv),
+                cwd=cwd,
+                env=self.kube_env(),
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise DemoError(f"`{command}` did not finish within {timeout:g} s") from None
         out = only[1](done.stdout) if only is not None else done.stdout
         print(out, end="" if out.endswith("\n") or not out else "\n")
         if done.stderr:
             print(done.stderr, end="" if done.stderr.endswith("\n") else "\n", file=sys.stderr)
         sys.stdout.flush()
+        checkpoint()  # a Ctrl-C in a terminal also ends the command itself
         if done.returncode != 0:
             raise DemoError(f"`{command}` exited with status {done.returncode}")
         return done
@@ -448,16 +482,14 @@ class Demo:
         header(6, "watching it until it Completed")
         argv = ["kubectl", f"--kubeconfig={self.kubeconfig}", "get", "bp", "-n", NAMESPACE, "-w"]
         shown(f"kubectl get bp -n {NAMESPACE} -w")
-        with (self.wd / "watch.log").open("ab") as err:
-            self.watch = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=self.kube_env()
-            )
+        self.watch = spawn(argv, log=self.wd / "watch.log", env=self.kube_env(), pipe_stdout=True)
         phase = None
         buffer = bytearray()
         deadline = time.monotonic() + STEP_TIMEOUT
         while phase is None:
             line = read_line(self.watch, buffer, deadline)
             if line is None:
+                checkpoint()
                 raise DemoError(f"kubectl get -w ended: {tail(self.wd / 'watch.log', 5)}")
             print(line, flush=True)
             fields = line.split()
@@ -506,9 +538,8 @@ class Demo:
         note("--keep: the API stand-in and the agent keep running (QEMU was stopped for the checks)")
         shown(f"export KUBECONFIG={self.kubeconfig}")
         note("try: kubectl get bp -A; kubectl get events -n vms; press Ctrl-C to stop everything")
-        with contextlib.suppress(Interrupted):
-            while True:
-                signal.pause()
+        while interrupted_by() is None:
+            time.sleep(0.2)
 
     # the end
 
@@ -547,8 +578,9 @@ class Demo:
             shutil.rmtree(self.workdir, ignore_errors=True)
             if self.workdir.exists():
                 problems.append(f"could not remove {self.workdir}")
-        what = ", ".join(stopped) or "nothing was running"
-        print(f"\ncleaned up: stopped {what}; removed {self.workdir}", flush=True)
+        what = f"stopped {', '.join(stopped)}" if stopped else "nothing was running"
+        removed = f"; removed {self.workdir}" if self.workdir is not None else ""
+        print(f"\ncleaned up: {what}{removed}", flush=True)
         for problem in problems:
             print(f"cleanup problem: {problem}", file=sys.stderr, flush=True)
 
@@ -568,30 +600,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = [t for t in [*missing_tools(), "kubectl"] if shutil.which(t) is None]
+    tools = dict.fromkeys([QEMU_IMG, QEMU_IO, QEMU_SYSTEM, "qemu-img", "kubectl"])
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         print(f"demo: missing {', '.join(missing)}; run `bash scripts/setup.sh` first", file=sys.stderr)
         return 1
+    handle_signals()
     demo = Demo(bandwidth=args.bandwidth, keep=args.keep)
     status = 1
-    interruptible(True)
     try:
-        try:
-            demo.main()
-        finally:
-            interruptible(False)  # from here on a signal no longer interrupts the cleanup
-    except Interrupted as exc:
-        print(f"\ninterrupted by {exc}: stopping everything", flush=True)
-        status = 128 + exc.signum
-    except DemoError as exc:
-        print(f"\ndemo failed: {exc}", file=sys.stderr, flush=True)
-        demo.show_logs()
-    except Exception:
-        traceback.print_exc()
-        demo.show_logs()
-    else:
+        demo.main()
         status = 0
+    except Exception as exc:
+        stopping()
+        signum = interrupted_by()
+        if signum is not None:
+            # Also when the signal made a step fail first (Ctrl-C ends kubectl and qemu-img too).
+            print(f"\ninterrupted by {signal.Signals(signum).name}: stopping everything", flush=True)
+            status = 128 + signum
+        elif isinstance(exc, DemoError):
+            print(f"\ndemo failed: {exc}", file=sys.stderr, flush=True)
+            demo.show_logs()
+        else:
+            traceback.print_exc()
+            demo.show_logs()
     finally:
+        stopping()
         demo.cleanup()
     return status
 
