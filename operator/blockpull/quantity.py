@@ -7,7 +7,7 @@ with a message that says what is accepted.
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
 from blockpull.errors import InvalidSpec
 
@@ -44,7 +44,8 @@ def parse_bandwidth(value: object) -> int:
         raise InvalidSpec(f"bandwidth must be a number of bytes/s or a quantity like 200Mi, got {value!r}")
     if number < 0:
         raise InvalidSpec(f"bandwidth must not be negative, got {value!r}")
-    result = int(number)
+    # Round a fraction up: "0.5" must be the slowest limit, never 0 (which means unlimited).
+    result = int(number.to_integral_value(rounding=ROUND_CEILING))
     if result > MAX_BANDWIDTH:
         raise InvalidSpec(f"bandwidth {value!r} is larger than QEMU accepts")
     return result

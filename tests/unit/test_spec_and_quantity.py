@@ -81,3 +81,10 @@ def test_format_bytes() -> None:
     assert format_bytes(0) == "0 B"
     assert format_bytes(2 * 2**30) == "2.0 GiB"
     assert format_bytes(1536) == "1.5 KiB"
+
+
+def test_fractional_bandwidth_rounds_up_never_to_unlimited() -> None:
+    assert parse_bandwidth("0.5") == 1
+    assert parse_bandwidth("1.5") == 2
+    assert parse_bandwidth("0.5Ki") == 512
+    assert parse_bandwidth("0") == 0

@@ -30,6 +30,10 @@ def main() -> None:
     )
     # qemu.qmp logs every QMP message at DEBUG; that is a protocol trace, not an agent log.
     logging.getLogger("qemu.qmp").setLevel(max(logging.INFO, logging.getLogger().level))
+    # kopf logs "Handler ... succeeded" at INFO for every watch event, i.e. for every status
+    # write of every object: noise at scale. Its warnings and errors still show.
+    if logging.getLogger().level >= logging.INFO:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_run(settings))
 
