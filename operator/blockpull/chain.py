@@ -265,7 +265,9 @@ def _walk_chain(graph: BlockGraph, top: str, disk: str) -> Iterable[Image]:
             if jobs:
                 # A job holds this disk (and put its own nodes into the chain): whoever asked
                 # must wait for it, which is what "busy" means to them.
-                raise DiskBusy(f"disk {disk!r} is busy with block job {', '.join(jobs)}")
+                raise DiskBusy(
+                    f"disk {disk!r} is busy with block job {', '.join(jobs)}; try again once it has ended"
+                )
             raise InspectionUnsafe(
                 f"no details for block node {current!r} of disk {disk!r} while a block job is "
                 "finishing on this VM; will retry"

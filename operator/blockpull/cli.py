@@ -702,9 +702,19 @@ async def run_pull(
             released_images=started.released_images if followed.outcome.ok else (),
             stopped_by=followed.stopped_by,
         )
+        if followed.outcome.ok and started.chain:
+            await _flush_after_completion(conn, started.chain.device)
         status = _emit(settings, report)
         await _dismiss_after_report(conn, job_id, socket)
         return status
+
+
+async def _flush_after_completion(conn: QMPConnection, node: str) -> None:
+    """Make the pulled data durable before saying so (QEMU 7.2 may still cache its metadata)."""
+    try:
+        await stream.flush_disk(conn, node)
+    except BlockPullError as exc:
+        warning_line(sys.stderr, f"could not flush {node} after the pull: {exc.message}")
 
 
 async def _judge_vanished(conn: QMPConnection, job_id: str, disk: str, base: str | None) -> Followed:

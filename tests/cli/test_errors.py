@@ -157,7 +157,7 @@ def test_no_chain_listing_while_a_job_runs_on_a_blockdev_only_vm(slow_lab: Lab) 
     ran = run_cli("chain", slow_lab.socket, slow_lab.top)
 
     assert ran.returncode == 3, str(ran)
-    assert_one_error_line(ran, "while a block job runs on this VM", "try again")
+    assert_one_error_line(ran, "is busy with block job j1", "try again")
     assert slow_lab.vm.alive
 
 

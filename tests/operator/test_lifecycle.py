@@ -250,3 +250,13 @@ def test_deadline_while_running_cancels_the_job_and_fails(
     assert_no_jobs(vm)
     vm.stop_sync()
     assert_intact(slow_chain)
+
+
+def test_completed_means_durable_even_if_qemu_is_killed_right_after(
+    ns: Namespace, agent: AgentProcess, chain4: Chain, vm_in: VMFactory
+) -> None:
+    vm = vm_in("web-1", [chain4])
+    ns.create("durable", nodeName="node-a", vm="web-1", disk=vm.disks[0].top)
+    ns.wait_phase("durable", "Completed")
+    vm.kill()  # SIGKILL the moment the object says Completed: no quit, no guest flush
+    assert_flattened(chain4)
