@@ -20,8 +20,6 @@ from qemulab import Chain, Disk, QemuVM
 from qemulab.tmpdirs import remove_tree, short_tmpdir
 from testapiserver import run_in_thread
 
-pytestmark = pytest.mark.qemu
-
 
 @pytest.fixture(scope="session")
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
@@ -164,3 +162,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
     setattr(item, f"rep_{report.when}", report)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every operator test runs QEMU and the agent (`-m "not qemu"` deselects them).
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.qemu)

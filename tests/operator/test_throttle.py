@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -38,6 +39,6 @@ def test_progress_writes_are_throttled_per_interval(
     assert len(status_writes) <= budget, (len(status_writes), budget, ran_for)
     # And progress was reported while it ran (a few seconds at 4 MiB/s), not only at the end.
     assert len(status_writes) >= transitions + 2
-    gaps = [b.time - a.time for a, b in zip(status_writes, status_writes[1:], strict=False)]
+    gaps = [b.time - a.time for a, b in itertools.pairwise(status_writes)]
     progress_gaps = [g for g in gaps if g < 0.45]
     assert len(progress_gaps) <= transitions, gaps
