@@ -75,6 +75,7 @@ def build_registry(
     async def observe(body: kopf.Body, type: str | None, **_: Any) -> None:
         # async: kopf runs sync handlers in threads, and the agent lives on the event loop.
         if type == "DELETED":
+            get_agent().forget(str(body.get("metadata", {}).get("uid", "")))
             return
         get_agent().observe(body)
 

@@ -39,6 +39,7 @@ class Agent:
         self._ttl: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._swept: set[str] = set()  # finished objects checked for a leftover QEMU job
+        self._finished: set[str] = set()  # uids whose outcome this agent wrote
 
     # --- observations -------------------------------------------------------------------------
 
@@ -51,6 +52,10 @@ class Agent:
             return  # never act on another node's object (the watch is filtered too)
         ref = ObjectRef.of(body)
         status = body.get("status") or {}
+        if ref.uid in self._finished and not st.is_terminal(status):
+            # A watch event older than the outcome we wrote (kopf may deliver it after the
+            # runner ended): the object is finished, whatever this stale body says.
+            return
         if st.is_terminal(status):
             self._schedule_ttl(ref, body)
             self._sweep_once(ref, body)
@@ -123,6 +128,8 @@ class Agent:
             return
         finally:
             self._runners.pop(ref.uid, None)
+            if st.is_terminal(runner.reporter.status):
+                self._finished.add(ref.uid)
 
     def _sweep_once(self, ref: ObjectRef, body: Mapping[str, Any]) -> None:
         """Once per agent run, dismiss a finished object's job left concluded in QEMU.
@@ -148,6 +155,12 @@ class Agent:
                 log.info("%s: dismissed concluded job %s left from an earlier run", ref, job_id)
         except BlockPullError as exc:
             log.debug("%s: no leftover job check (%s)", ref, exc)
+
+    def forget(self, uid: str) -> None:
+        """The object is gone from the API: drop what was kept about it."""
+        self._finished.discard(uid)
+        self._swept.discard(uid)
+        self._cancel_ttl(uid)
 
     # --- deletion -----------------------------------------------------------------------------
 

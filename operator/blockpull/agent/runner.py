@@ -165,7 +165,11 @@ class PullRunner:
 
     async def _warn_if_unconfirmed(self) -> None:
         """Deleted while QEMU could not be asked to cancel a job we had started: say so."""
-        if self.abort_outcome is not None or not self.reporter.status.get("startTime"):
+        if (
+            not self._abort.is_set()  # not a deletion: the pull ended some other way
+            or self.abort_outcome is not None
+            or not self.reporter.status.get("startTime")
+        ):
             return  # QEMU confirmed (or timed out, already reported), or no job was ever started
         await self.reporter.event(
             "Warning",
@@ -344,7 +348,13 @@ class PullRunner:
             await self.reporter.event("Normal", "Resumed", f"retrying after I/O error ({job.io_status})")
         self._applied_paused = spec.paused
         job = await stream.progress(conn, self.job_id)
-        await self.reporter.transition(self._running_view(job))
+        if initial:
+            # Right after the Running write: only a phase change (e.g. created paused... or
+            # re-attached to a paused job) is worth a write now; progress waits its turn.
+            await self._on_progress(job)
+        else:
+            # A spec edit: show its effect (bandwidth, phase, observedGeneration) at once.
+            await self.reporter.transition(self._running_view(job))
 
     async def _on_progress(self, job: stream.Progress) -> None:
         view = self._running_view(job)
