@@ -36,9 +36,9 @@ def configure(settings: kopf.OperatorSettings, agent_settings: AgentSettings) ->
     settings.peering.standalone = True
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="blockpull.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="blockpull.dev", key="last-handled-configuration"
-    )
+    # No "last handled configuration": the agent has no create/update handlers to diff for,
+    # so storing one would only cost a write per object (and an annotation users wonder about).
+    settings.persistence.diffbase_storage = NoDiffBase()
     # The API server sends this agent only its node's objects (CRD selectableFields), so
     # agents never see, let alone patch, each other's objects or finalizers.
     # The key is a kopf resource selector: (group, plural). ("group/plural" as one string
@@ -48,6 +48,17 @@ def configure(settings: kopf.OperatorSettings, agent_settings: AgentSettings) ->
     settings.networking.request_timeout = 60
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Keeps nothing. kopf diffs objects only for on.create/update/resume, which the agent
+    does not use: it reacts to the object's state (`on.event`), with the outcome in `.status`."""
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
 
 
 def _unfinished(status: kopf.Status, **_: Any) -> bool:

@@ -8,7 +8,9 @@ every call runs in a worker thread (`asyncio.to_thread`); the loop never blocks 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,14 +62,19 @@ class KubeAPI:
         self._node_name = node_name
         #: Count of write calls, per kind: the benchmark and tests read it.
         self.writes: dict[str, int] = {"status": 0, "event": 0, "delete": 0}
+        # Two lanes of blocking client calls: transitions (Running, Completed, Failed) never
+        # queue behind the routine progress writes and Events of a hundred other objects.
+        self._urgent = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kube-urgent")
+        self._routine = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kube")
 
-    async def patch_status(self, ref: ObjectRef, status: Mapping[str, Any]) -> None:
+    async def patch_status(self, ref: ObjectRef, status: Mapping[str, Any], *, urgent: bool = True) -> None:
         """Replace the status fields we own (JSON merge patch on the status subresource)."""
         body = {"metadata": {"uid": ref.uid}, "status": status}
         self.writes["status"] += 1
         await self._call(
             self._custom.patch_namespaced_custom_object_status,
             GROUP, VERSION, ref.namespace, PLURAL, ref.name, body,
+            lane=self._urgent if urgent else self._routine,
         )  # fmt: skip
 
     async def post_event(self, ref: ObjectRef, kind: str, reason: str, message: str) -> None:
@@ -94,7 +101,7 @@ class KubeAPI:
         )
         self.writes["event"] += 1
         try:
-            await self._call(self._core.create_namespaced_event, ref.namespace, event)
+            await self._call(self._core.create_namespaced_event, ref.namespace, event, lane=self._routine)
         except KubeAPIError as exc:
             log.warning("could not post event %s on %s: %s", reason, ref, exc)
 
@@ -104,12 +111,15 @@ class KubeAPI:
         body = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=ref.uid))
         await self._call(
             self._custom.delete_namespaced_custom_object,
-            GROUP, VERSION, ref.namespace, PLURAL, ref.name, body=body,
+            GROUP, VERSION, ref.namespace, PLURAL, ref.name, body=body, lane=self._urgent,
         )  # fmt: skip
 
-    async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+    async def _call(
+        self, method: Any, *args: Any, lane: concurrent.futures.ThreadPoolExecutor, **kwargs: Any
+    ) -> Any:
+        call = functools.partial(method, *args, _request_timeout=30, **kwargs)
         try:
-            return await asyncio.to_thread(method, *args, _request_timeout=30, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(lane, call)
         except ApiException as exc:
             if exc.status in (404, 409, 410) and _gone(exc):
                 raise Gone(f"{exc.status} {exc.reason}") from exc

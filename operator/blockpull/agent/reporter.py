@@ -46,17 +46,17 @@ class ObjectReporter:
         return self._status
 
     async def transition(self, view: st.StatusView) -> None:
-        await self._write(view)
+        await self._write(view, urgent=True)
 
     async def progress(self, view: st.StatusView) -> None:
         if self._clock() - self._last_write < self._interval:
             return  # the next poll after the interval carries fresher numbers anyway
-        await self._write(view)
+        await self._write(view, urgent=False)
 
     async def event(self, kind: str, reason: str, message: str) -> None:
         await self._kube.post_event(self._ref, kind, reason, message)
 
-    async def _write(self, view: st.StatusView) -> None:
+    async def _write(self, view: st.StatusView, *, urgent: bool) -> None:
         if st.is_terminal(self._status):
             log.warning("%s: not overwriting the recorded outcome with phase %s", self._ref, view.phase)
             return
@@ -66,7 +66,7 @@ class ObjectReporter:
         delay = 0.2
         for attempt in range(_WRITE_ATTEMPTS):
             try:
-                await self._kube.patch_status(self._ref, _with_removals(self._status, new))
+                await self._kube.patch_status(self._ref, _with_removals(self._status, new), urgent=urgent)
                 break
             except Gone:
                 raise
