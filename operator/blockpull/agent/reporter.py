@@ -76,6 +76,9 @@ class ObjectReporter:
                 log.warning("%s: status write failed (%s); retrying in %.1fs", self._ref, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        if new.get("phase") != self._status.get("phase") or new.get("reason") != self._status.get("reason"):
+            # One line per transition: what an admin greps the agent's log for.
+            log.info("%s: %s/%s: %s", self._ref, new.get("phase"), new.get("reason"), new.get("message", ""))
         self._status = new
         self._last_write = self._clock()
 
