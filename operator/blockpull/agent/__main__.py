@@ -11,10 +11,14 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from blockpull.agent.settings import AgentSettings
 from blockpull.errors import InvalidSpec
+
+if TYPE_CHECKING:  # imported for real only once settings are known good (see main)
+    import kopf
+    import kubernetes
 
 
 def main() -> None:
@@ -69,7 +73,7 @@ async def _run(settings: AgentSettings) -> None:
     )
 
 
-def connection_info(api_client: Any) -> Any:
+def connection_info(api_client: kubernetes.client.ApiClient) -> kopf.ConnectionInfo:
     """kopf's view of the official client's configuration (server, TLS, token or certificate)."""
     import kopf  # noqa: PLC0415
 

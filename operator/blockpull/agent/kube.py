@@ -2,7 +2,8 @@
 
 Owns: patching a BlockPull's status subresource, posting Events about it, deleting it (TTL),
 and mapping API errors into the agent's error tree. The official client is synchronous, so
-every call runs in a worker thread (`asyncio.to_thread`); the loop never blocks on the API.
+every call runs in a worker thread of one of two small pools (transitions apart from progress
+writes and Events); the loop never blocks on the API.
 """
 
 from __future__ import annotations

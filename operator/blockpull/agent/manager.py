@@ -23,6 +23,7 @@ from blockpull.agent.settings import AgentSettings
 from blockpull.agent.spec import PullSpec
 from blockpull.agent.vms import VMConnections
 from blockpull.errors import BlockPullError, InvalidSpec
+from blockpull.qmp import QMPConnection
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,8 @@ class Agent:
         The outcome is written before the job is dismissed; an agent killed in between leaves
         a concluded job behind, which nothing else would ever remove.
         """
-        if ref.uid in self._swept or ref.uid in self._runners:
-            return
+        if ref.uid in self._swept or ref.uid in self._runners or ref.uid in self._finished:
+            return  # checked already, or this agent's own runner wrote the outcome and dismissed
         self._swept.add(ref.uid)
         job_id = (body.get("status") or {}).get("jobId")
         if job_id:
@@ -146,15 +147,21 @@ class Agent:
 
     async def _dismiss_leftover(self, ref: ObjectRef, body: Mapping[str, Any], job_id: str) -> None:
         try:
-            spec = PullSpec.from_spec(body.get("spec", {}))
-            socket = self.settings.socket_template.path_for(ref.namespace, spec.vm)
-            conn = await self.vms.get(socket)  # VMNotFound: the VM is gone, and its jobs with it
-            job = await stream.find_job(conn, job_id)
+            # VMNotFound: the VM is gone, and its jobs with it.
+            conn, job = await self._find_job(ref, body, job_id)
             if job is not None and job.concluded:
                 await stream.dismiss(conn, job_id)
                 log.info("%s: dismissed concluded job %s left from an earlier run", ref, job_id)
         except BlockPullError as exc:
             log.debug("%s: no leftover job check (%s)", ref, exc)
+
+    async def _find_job(
+        self, ref: ObjectRef, body: Mapping[str, Any], job_id: str
+    ) -> tuple[QMPConnection, stream.Progress | None]:
+        """The object's VM connection and its job there, for objects without a runner."""
+        spec = PullSpec.from_spec(body.get("spec", {}))
+        conn = await self.vms.get(self.settings.socket_template.path_for(ref.namespace, spec.vm))
+        return conn, await stream.find_job(conn, job_id)
 
     def forget(self, uid: str) -> None:
         """The object is gone from the API: drop what was kept about it."""
@@ -186,10 +193,7 @@ class Agent:
         status = body.get("status") or {}
         job_id = str(status.get("jobId") or job_id_for(ref.uid))
         try:
-            spec = PullSpec.from_spec(body.get("spec", {}))
-            socket = self.settings.socket_template.path_for(ref.namespace, spec.vm)
-            conn = await self.vms.get(socket)
-            job = await stream.find_job(conn, job_id)
+            conn, job = await self._find_job(ref, body, job_id)
             if job is None:
                 return
             if not job.concluded:

@@ -349,8 +349,8 @@ class PullRunner:
         self._applied_paused = spec.paused
         job = await stream.progress(conn, self.job_id)
         if initial:
-            # Right after the Running write: only a phase change (e.g. created paused... or
-            # re-attached to a paused job) is worth a write now; progress waits its turn.
+            # Right after the Running write: only a phase change (e.g. re-attached to a paused
+            # job) is worth a write now; progress waits its turn.
             await self._on_progress(job)
         else:
             # A spec edit: show its effect (bandwidth, phase, observedGeneration) at once.
