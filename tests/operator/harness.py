@@ -25,12 +25,28 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from qemulab import Chain, backing_chain, check, compare
 from testapiserver import ThreadedAPIServer
 
 GROUP, VERSION, PLURAL = "blockpull.dev", "v1alpha1", "blockpulls"
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "blockpull.dev_blockpulls.yaml"
 FINALIZER = "blockpull.dev/agent"
+
+
+def assert_intact(chain: Chain) -> None:
+    """The disk still shows the guest the template's data through its whole, valid chain."""
+    assert backing_chain(chain.top) == [str(p) for p in reversed(chain.images)]
+    assert compare(chain.top, chain.reference)
+    assert check(chain.top).corruptions == 0
+
+
+def assert_flattened(chain: Chain, keep: int = 0) -> None:
+    """The disk needs nothing above `chain.images[keep - 1]` and shows the same data."""
+    expected = [str(chain.top)] + [str(p) for p in reversed(chain.images[:keep])]
+    assert backing_chain(chain.top) == expected
+    assert compare(chain.top, chain.reference)
+    assert check(chain.top).clean
 
 
 def assert_no_jobs(vm: Any, timeout: float = 5.0) -> None:

@@ -6,15 +6,9 @@ from __future__ import annotations
 import signal
 import time
 
-from harness import FINALIZER, AgentProcess, Namespace, VMFactory, assert_no_jobs, eventually
+from harness import FINALIZER, AgentProcess, Namespace, VMFactory, assert_intact, assert_no_jobs, eventually
 
-from qemulab import Chain, backing_chain, check, compare
-
-
-def assert_intact(chain: Chain) -> None:
-    assert backing_chain(chain.top) == [str(p) for p in reversed(chain.images)]
-    assert compare(chain.top, chain.reference)
-    assert check(chain.top).corruptions == 0
+from qemulab import Chain, check, compare
 
 
 def test_delete_while_running_cancels_the_job(

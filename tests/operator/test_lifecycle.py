@@ -11,29 +11,16 @@ from harness import (
     AgentProcess,
     Namespace,
     VMFactory,
+    assert_flattened,
+    assert_intact,
     assert_no_jobs,
     silent_socket,
     socket_path,
 )
 
-from qemulab import Chain, Disk, InjectError, backing_chain, check, compare
+from qemulab import Chain, Disk, InjectError
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-
-
-def assert_intact(chain: Chain) -> None:
-    """The disk still shows the guest the template's data through its whole, valid chain."""
-    assert backing_chain(chain.top) == [str(p) for p in reversed(chain.images)]
-    assert compare(chain.top, chain.reference)
-    assert check(chain.top).corruptions == 0
-
-
-def assert_flattened(chain: Chain, keep: int = 0) -> None:
-    """The disk needs nothing above `chain.images[keep - 1]` and shows the same data."""
-    expected = [str(chain.top)] + [str(p) for p in reversed(chain.images[:keep])]
-    assert backing_chain(chain.top) == expected
-    assert compare(chain.top, chain.reference)
-    assert check(chain.top).clean
 
 
 def test_full_pull_completes_with_every_status_field(
