@@ -172,11 +172,14 @@ async def find_job(conn: QMPConnection, job_id: str) -> Progress | None:
     if job is None:
         return None
     block_job: dict[str, Any] = next((j for j in block_jobs if j.get("device") == job_id), {})
+    # Status and progress from the same reply: the job may conclude between the two queries,
+    # and a "concluded" status with the other reply's older offset would report a finished
+    # pull as 70% done.
     return Progress(
         job_id=job_id,
         status=str(job["status"]),
-        offset=int(block_job.get("offset", job.get("current-progress", 0))),
-        length=int(block_job.get("len", job.get("total-progress", 0))),
+        offset=int(job.get("current-progress", block_job.get("offset", 0))),
+        length=int(job.get("total-progress", block_job.get("len", 0))),
         speed=int(block_job.get("speed", 0)),
         paused=bool(block_job.get("paused", job["status"] == "paused")),
         io_status=str(block_job.get("io-status", "ok")),
