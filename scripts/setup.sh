@@ -20,8 +20,11 @@ command -v "$python" >/dev/null || python=python3
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
-if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ] \
+    || [ tests/support/pyproject.toml -nt .venv/.installed ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e '.[dev]'
+    # The product (editable, with its dev tools) and, as a distribution of its own, the
+    # test-only code: the QEMU lab and the Kubernetes API stand-in (never in the product wheel).
+    .venv/bin/python -m pip install -q -e '.[dev]' -e tests/support
     touch .venv/.installed
 fi

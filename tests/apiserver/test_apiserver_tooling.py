@@ -16,7 +16,7 @@ from apiserver_helpers import GROUP, WIDGET_CRD, WIDGETS, Kube, widget
 
 from testapiserver import APIServer, Permission, rules_allow
 
-OPERATOR_DIR = Path(__file__).resolve().parents[2] / "operator"
+SUPPORT_DIR = Path(__file__).resolve().parents[1] / "support"
 
 
 async def test_requests_are_recorded_with_rbac_attributes(
@@ -108,7 +108,7 @@ def test_command_line_server(tmp_path: Path) -> None:
     crd_file = tmp_path / "crd.yaml"
     crd_file.write_text(yaml.safe_dump(WIDGET_CRD))
     kubeconfig = tmp_path / "kc.yaml"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(OPERATOR_DIR), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT_DIR), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
         [
             sys.executable,
