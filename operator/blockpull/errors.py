@@ -115,6 +115,12 @@ class DeadlineExceeded(PermanentError):
     reason = "DeadlineExceeded"
 
 
+class Unsupported(PermanentError):
+    """The hypervisor API cannot do this (libvirt has no block-job pause)."""
+
+    reason = "Unsupported"
+
+
 class CommandFailed(PermanentError):
     """QEMU rejected a command for a reason that has no more specific class."""
 
