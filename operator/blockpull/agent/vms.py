@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 
 from blockpull.qmp import QMPConnection
+from blockpull.qmp_driver import QMPDriver
 
 
 class VMConnections:
@@ -41,6 +42,10 @@ class VMConnections:
         for conn in connections:
             with contextlib.suppress(Exception):
                 await conn.close()
+
+    async def driver(self, socket_path: str) -> QMPDriver:
+        """The block-job driver over this VM's shared connection."""
+        return QMPDriver(await self.get(socket_path))
 
     def __len__(self) -> int:
         return sum(1 for conn in self._connections.values() if not conn.closed)
