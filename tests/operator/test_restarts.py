@@ -156,7 +156,9 @@ def test_job_dismissed_by_someone_else_is_judged_from_the_chain(
     agent.kill(signal.SIGSTOP, wait=False)
     try:
         vm.execute_sync("block-job-set-speed", {"device": job_id, "speed": 0})
-        eventually(lambda: [j["status"] for j in vm.execute_sync("query-jobs")] == ["pending"], what="pending")
+        eventually(
+            lambda: [j["status"] for j in vm.execute_sync("query-jobs")] == ["pending"], what="pending"
+        )
         vm.execute_sync("job-finalize", {"id": job_id})
         eventually(
             lambda: [j["status"] for j in vm.execute_sync("query-jobs")] == ["concluded"], what="concluded"
