@@ -190,7 +190,7 @@ def test_a_vm_name_too_long_for_the_socket_template_fails_invalid_spec(
     ns.create("toolong", nodeName="node-a", vm=vm, disk="vda")
     status = ns.wait_phase("toolong", "Completed", "Failed")
     assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec"), status
-    assert "longer than 107 bytes" in status["message"], status
+    assert "bytes long; unix socket paths allow at most 107" in status["message"], status
     assert ns.conditions("toolong") == {"Running": "False", "Completed": "False", "Failed": "True"}
     ns.assert_event_reasons("toolong", ["Failed"])
     failed = ns.events("toolong")[-1]

@@ -56,7 +56,11 @@ async def _run(settings: AgentSettings) -> None:
 
     api_client = _api_client()
     kube = KubeAPI(api_client, component="blockpull-agent", node_name=settings.node_name)
-    vms = VMConnections(connect_timeout=settings.connect_timeout, command_timeout=settings.command_timeout)
+    vms = VMConnections(
+        settings.socket_template,
+        connect_timeout=settings.connect_timeout,
+        command_timeout=settings.command_timeout,
+    )
     agent = Agent(settings, kube, vms)
     registry = build_registry(lambda: agent, settings, lambda: connection_info(api_client))
     liveness = f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None

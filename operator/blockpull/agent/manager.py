@@ -22,7 +22,7 @@ from blockpull.agent.reporter import ObjectReporter
 from blockpull.agent.runner import ObjectState, PullRunner, job_id_for
 from blockpull.agent.settings import AgentSettings
 from blockpull.agent.spec import PullSpec
-from blockpull.agent.vms import VMConnections
+from blockpull.agent.vms import VMs
 from blockpull.driver import BlockJobDriver, Outcome, Progress
 from blockpull.errors import BlockPullError, InvalidSpec
 
@@ -40,7 +40,7 @@ def uid_of_job(job_id: str) -> str | None:
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, kube: KubeAPI, vms: VMConnections) -> None:
+    def __init__(self, settings: AgentSettings, kube: KubeAPI, vms: VMs) -> None:
         self.settings = settings
         self.kube = kube
         self.vms = vms
@@ -169,7 +169,7 @@ class Agent:
     ) -> tuple[BlockJobDriver, Progress | None]:
         """The object's VM driver and its job there, for objects without a runner."""
         spec = PullSpec.from_spec(body.get("spec", {}))
-        driver = await self.vms.driver(self.settings.socket_template.path_for(ref.namespace, spec.vm))
+        driver = await self.vms.driver_for(ref.namespace, spec.vm)
         return driver, await driver.find_job(job_id)
 
     async def collect_orphan(self, ref: ObjectRef, driver: BlockJobDriver, job: Progress) -> bool:

@@ -29,7 +29,7 @@ from blockpull.agent import status as st
 from blockpull.agent.kube import KubeAPIError, ObjectRef
 from blockpull.agent.settings import AgentSettings
 from blockpull.agent.spec import PullSpec
-from blockpull.agent.vms import VMConnections
+from blockpull.agent.vms import VMs
 from blockpull.driver import BlockJobDriver, ChainImage, Outcome, Progress, Result, StreamRequest
 from blockpull.errors import (
     BlockPullError,
@@ -91,7 +91,7 @@ class PullRunner:
         self,
         state: ObjectState,
         reporter: Reporter,
-        vms: VMConnections,
+        vms: VMs,
         settings: AgentSettings,
     ) -> None:
         self.state = state
@@ -138,7 +138,8 @@ class PullRunner:
 
     async def _run(self) -> None:
         spec = self.state.spec
-        socket_path = self.settings.socket_template.path_for(self.state.ref.namespace, spec.vm)
+        namespace = self.state.ref.namespace
+        self.vms.locate(namespace, spec.vm)  # InvalidSpec (names that cannot be reached) fails at once
         backoff = 0.5
         vm_gone_since: float | None = None
         loop = asyncio.get_running_loop()
@@ -146,7 +147,7 @@ class PullRunner:
             self._check_abort()
             self._check_deadline()
             try:
-                driver = await self.vms.driver(socket_path)
+                driver = await self.vms.driver_for(namespace, spec.vm)
                 await self._ensure_job(driver)
                 vm_gone_since = None
                 await self._follow(driver)

@@ -68,8 +68,12 @@ class SocketTemplate:
         normalized = os.path.normpath(path)
         if not normalized.startswith(self.fixed_directory):
             raise InvalidSpec(f"socket path {path!r} leaves {self.fixed_directory}")
-        if len(normalized.encode()) > MAX_SOCKET_PATH_BYTES:
-            raise InvalidSpec(f"socket path {path!r} is longer than {MAX_SOCKET_PATH_BYTES} bytes")
+        length = len(normalized.encode())
+        if length > MAX_SOCKET_PATH_BYTES:
+            raise InvalidSpec(
+                f"socket path {path!r} is {length} bytes long; unix socket paths allow at most "
+                f"{MAX_SOCKET_PATH_BYTES} (shorten the VM name or the socket template)"
+            )
         return normalized
 
 
