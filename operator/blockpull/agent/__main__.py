@@ -32,8 +32,13 @@ def main() -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # qemu.qmp logs every QMP message at DEBUG; that is a protocol trace, not an agent log.
-    logging.getLogger("qemu.qmp").setLevel(max(logging.INFO, logging.getLogger().level))
+    # qemu.qmp logs every QMP message at DEBUG (a protocol trace, not an agent log), and each
+    # failed connect as an ERROR naming neither object nor socket, every retry. The agent
+    # reports those failures itself (the object's Pending reason, one log line per change),
+    # so qemu.qmp speaks only at DEBUG.
+    logging.getLogger("qemu.qmp").setLevel(
+        logging.DEBUG if settings.log_level == "DEBUG" else logging.CRITICAL + 1
+    )
     # kopf logs "Handler ... succeeded" at INFO for every watch event, i.e. for every status
     # write of every object: noise at scale. Its warnings and errors still show.
     if logging.getLogger().level >= logging.INFO:

@@ -33,6 +33,14 @@ SHUTDOWN_GRACE = 3.0
 _UID_JOB = re.compile(r"^blockpull-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
 
 
+def _log_changed(ref: ObjectRef, problem: str, last: str, backoff: float) -> str:
+    """A runner's retried problem: WARNING when it is new, DEBUG while it repeats (an object
+    waiting for hours must not write the same line every few seconds)."""
+    level = logging.DEBUG if problem == last else logging.WARNING
+    log.log(level, "%s: %s in %.0fs", ref, problem, backoff)
+    return problem
+
+
 def uid_of_job(job_id: str) -> str | None:
     """The object uid a job id of this agent's was derived from (`job_id_for`), if it is one."""
     match = _UID_JOB.match(job_id)
@@ -76,9 +84,10 @@ class Agent:
         except InvalidSpec as exc:
             if running is None:
                 self._start(ref, None, status=status, generation=generation, meta=meta, invalid=exc)
-            elif generation != running[0].state.generation:
-                # Keep following the running job with the last valid spec.
-                self._spawn(running[0].reporter.event("Warning", "InvalidSpec", exc.message))
+            else:
+                # Keep following the running job with the last valid spec; say so once per
+                # generation (every status write brings the same body back through the watch).
+                running[0].reject(generation, exc.message)
             return
         if running is not None:
             runner = running[0]
@@ -116,6 +125,7 @@ class Agent:
     async def _supervise(self, runner: PullRunner, invalid: InvalidSpec | None) -> None:
         ref = runner.state.ref
         backoff = 1.0
+        last_problem = ""
         try:
             if invalid is not None:
                 await runner._fail(invalid.reason, invalid.message)
@@ -127,9 +137,11 @@ class Agent:
                 except Gone:
                     return
                 except KubeAPIError as exc:
-                    log.warning("%s: Kubernetes API trouble (%s); retrying in %.0fs", ref, exc, backoff)
+                    last_problem = _log_changed(
+                        ref, f"Kubernetes API trouble ({exc}); retrying", last_problem, backoff
+                    )
                 except BlockPullError as exc:
-                    log.warning("%s: %s; retrying in %.0fs", ref, exc, backoff)
+                    last_problem = _log_changed(ref, f"{exc}; retrying", last_problem, backoff)
                 except Exception:
                     log.exception("%s: unexpected error; retrying in %.0fs", ref, backoff)
                 await asyncio.sleep(backoff)

@@ -105,6 +105,9 @@ class PullRunner:
         self._applied_paused: bool | None = None
         self.abort_outcome: str | None = None
         self._trouble: str | None = None  # the last reason QEMU could not be reached
+        #: The newest spec generation that could not be applied, and why (see `reject`).
+        self._rejected: tuple[int, str] | None = None
+        self._background: asyncio.Future[None] | None = None
         self._ended_unwatched = False  # re-attached to a job that had already ended
         #: The job has ended and its outcome is being written and the job dismissed: a
         #: shutdown lets this finish (briefly) rather than leave a concluded job in QEMU.
@@ -118,6 +121,17 @@ class PullRunner:
     def update(self, spec: PullSpec, generation: int) -> None:
         self.state.spec = spec
         self.state.generation = generation
+        self._rejected = None
+        self._changed.set()
+
+    def reject(self, generation: int, problem: str) -> None:
+        """A spec edit the agent cannot apply: keep the last valid spec, say why once (an Event,
+        a log line) and keep saying it in the status until a valid edit replaces it."""
+        if self._rejected is not None and self._rejected[0] == generation:
+            return
+        self._rejected = (generation, problem)
+        log.warning("%s: spec generation %d not applied: %s", self.state.ref, generation, problem)
+        self._background = asyncio.ensure_future(self.reporter.event("Warning", "InvalidSpec", problem))
         self._changed.set()
 
     def request_abort(self) -> None:
@@ -177,12 +191,12 @@ class PullRunner:
             or not self.reporter.status.get("startTime")
         ):
             return  # QEMU confirmed (or timed out, already reported), or no job was ever started
-        await self.reporter.event(
-            "Warning",
-            "AbortUnconfirmed",
+        message = (
             f"deleted while QEMU could not be reached ({self._trouble or 'no answer'}); the finalizer "
-            f"is removed without QEMU confirming that job {self.job_id} is cancelled",
+            f"is removed without QEMU confirming that job {self.job_id} is cancelled"
         )
+        log.warning("%s: %s", self.state.ref, message)
+        await self.reporter.event("Warning", "AbortUnconfirmed", message)
 
     async def _wait_for_vm_return(self, exc: BlockPullError, gone_for: float) -> None:
         if gone_for >= self.settings.vm_gone_grace:
@@ -415,6 +429,8 @@ class PullRunner:
         else:
             phase, reason = st.RUNNING, "Streaming"
             message = f"streamed {format_bytes(job.offset)} of {format_bytes(job.length)}"
+        if self._rejected is not None:
+            message += f"; spec generation {self._rejected[0]} not applied: {self._rejected[1]}"
         return st.StatusView(
             phase=phase,
             reason=reason,
@@ -536,6 +552,8 @@ class PullRunner:
         await self.reporter.event("Warning", "Failed", f"{reason}: {message}")
 
     async def _pending(self, reason: str, message: str) -> None:
+        if self._rejected is not None:
+            message += f"; spec generation {self._rejected[0]} not applied: {self._rejected[1]}"
         status = self.reporter.status
         if (
             status.get("phase") == st.PENDING
