@@ -25,7 +25,8 @@ class FakeWatch:
 
     async def changed(self, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(self._driver.changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._driver.changed.wait()
         except TimeoutError:
             return False
         self._driver.changed.clear()

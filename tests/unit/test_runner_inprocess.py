@@ -5,6 +5,7 @@ and the collection of an orphaned job."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -31,7 +32,8 @@ async def world() -> AsyncIterator[tuple[Agent, FakeKube, FakeDriver]]:
     kube, driver = FakeKube(), FakeDriver()
     agent = Agent(settings, kube, FakeVMs({"web-1": driver}))  # type: ignore[arg-type]
     yield agent, kube, driver
-    await agent.shutdown()
+    async with asyncio.timeout(10):  # a shutdown that hangs fails the test instead
+        await agent.shutdown()
 
 
 async def test_the_durable_end_finalizes_before_recording_and_records_before_dismissing(

@@ -233,7 +233,8 @@ class Agent:
             runner, task = entry
             runner.request_abort()
             try:
-                await asyncio.wait_for(asyncio.shield(task), self.settings.delete_timeout + 5)
+                async with asyncio.timeout(self.settings.delete_timeout + 5):
+                    await asyncio.shield(task)
             except TimeoutError:
                 await self._warn(
                     ref, "AbortTimeout", "the runner did not stop in time; removing the finalizer"

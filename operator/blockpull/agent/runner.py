@@ -281,7 +281,12 @@ class PullRunner:
             protocol.busy_message(
                 self.state.spec.disk,
                 jobs,
-                lambda job: f"on node {self.settings.node_name} run `{driver.collect_command(job)}`",
+                # The agent holds its own monitor, and a QMP monitor serves one client at a
+                # time: the admin runs the command on another monitor of the VM.
+                lambda job: (
+                    f"on node {self.settings.node_name} run `{driver.collect_command(job)}` "
+                    "against a QMP monitor of the VM other than the agent's"
+                ),
             )
         )
 
