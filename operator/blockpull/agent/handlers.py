@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kopf
+
+if TYPE_CHECKING:  # the client object is built by blockpull.agent.kube
+    import kubernetes
 
 from blockpull.agent import status as st
 from blockpull.agent.kube import GROUP, PLURAL, VERSION
@@ -104,3 +107,23 @@ def build_registry(
         await get_agent().shutdown()
 
     return registry
+
+
+def connection_info(api_client: kubernetes.client.ApiClient) -> kopf.ConnectionInfo:
+    """kopf's view of the official client's configuration (server, TLS, token or certificate)."""
+    config = api_client.configuration
+    # The client keeps the token under "BearerToken" (kubernetes >= 36) or "authorization";
+    # reading it through get_api_key_with_prefix runs the in-cluster token refresh hook.
+    header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix("authorization")
+    scheme, token = header.split(" ", 1) if header and " " in header else (None, header or None)
+    return kopf.ConnectionInfo(
+        server=config.host,
+        ca_path=config.ssl_ca_cert,
+        insecure=not config.verify_ssl,
+        username=config.username or None,
+        password=config.password or None,
+        scheme=scheme,
+        token=token or None,
+        certificate_path=config.cert_file,
+        private_key_path=config.key_file,
+    )
