@@ -1,6 +1,7 @@
 """`blockpull-agent` / `python -m blockpull.agent`: the node agent's entry point.
 
-Owns: reading settings (failing fast with one line), building the Kubernetes client from
+Owns: reading settings (failing fast with one line), serving the Prometheus metrics (a port
+that cannot be bound fails the start the same way), building the Kubernetes client from
 `KUBECONFIG` or the in-cluster service account, and running kopf standalone.
 """
 
@@ -13,6 +14,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from blockpull.agent.metrics import AgentMetrics
 from blockpull.agent.settings import AgentSettings
 from blockpull.errors import InvalidSpec
 
@@ -28,6 +30,7 @@ def main() -> None:
     except InvalidSpec as exc:
         print(f"blockpull-agent: error: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
+    metrics = start_metrics(settings)
     logging.basicConfig(
         level=os.environ.get("BLOCKPULL_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -39,10 +42,26 @@ def main() -> None:
     if logging.getLogger().level >= logging.INFO:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(settings))
+        asyncio.run(_run(settings, metrics))
 
 
-async def _run(settings: AgentSettings) -> None:
+def start_metrics(settings: AgentSettings) -> AgentMetrics:
+    """The agent's metrics, served before kopf starts: a taken port stops the agent at once."""
+    metrics = AgentMetrics(settings.node_name)
+    if settings.metrics_port is not None:
+        try:
+            metrics.serve(settings.metrics_port)
+        except OSError as exc:
+            print(
+                f"blockpull-agent: error: BLOCKPULL_METRICS_PORT {settings.metrics_port}: cannot serve "
+                f"metrics there ({exc.strerror or exc})",
+                file=sys.stderr,
+            )
+            raise SystemExit(2) from None
+    return metrics
+
+
+async def _run(settings: AgentSettings, metrics: AgentMetrics) -> None:
     import kopf  # noqa: PLC0415
     import kubernetes  # noqa: PLC0415
 
@@ -61,7 +80,7 @@ async def _run(settings: AgentSettings) -> None:
         )
     kube = KubeAPI(api_client, component="blockpull-agent", node_name=settings.node_name)
     vms = VMConnections(connect_timeout=settings.connect_timeout, command_timeout=settings.command_timeout)
-    agent = Agent(settings, kube, vms)
+    agent = Agent(settings, kube, vms, metrics=metrics)
     registry = build_registry(lambda: agent, settings, lambda: connection_info(api_client))
     liveness = f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None
     await kopf.operator(

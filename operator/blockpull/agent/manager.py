@@ -17,6 +17,7 @@ from typing import Any
 from blockpull import stream
 from blockpull.agent import status as st
 from blockpull.agent.kube import Gone, KubeAPI, KubeAPIError, ObjectRef
+from blockpull.agent.metrics import AgentMetrics, JobResult
 from blockpull.agent.reporter import ObjectReporter
 from blockpull.agent.runner import ObjectState, PullRunner, job_id_for
 from blockpull.agent.settings import AgentSettings
@@ -32,10 +33,14 @@ SHUTDOWN_GRACE = 3.0
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, kube: KubeAPI, vms: VMConnections) -> None:
+    def __init__(
+        self, settings: AgentSettings, kube: KubeAPI, vms: VMConnections, metrics: AgentMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.kube = kube
         self.vms = vms
+        self.metrics = metrics or AgentMetrics(settings.node_name)
+        self._observed: dict[str, int] = {}  # finished objects: the generation last written
         self._runners: dict[str, tuple[PullRunner, asyncio.Task[None]]] = {}
         self._ttl: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -60,6 +65,7 @@ class Agent:
         if st.is_terminal(status):
             self._schedule_ttl(ref, body)
             self._sweep_once(ref, body)
+            self._observe_finished(ref, body)
             return
         generation = int(meta.get("generation", 1))
         running = self._runners.get(ref.uid)
@@ -74,7 +80,9 @@ class Agent:
             return
         if running is not None:
             runner = running[0]
-            if spec != runner.state.spec:
+            # A new generation with an equal spec (say `paused: false` written out) must still
+            # reach status.observedGeneration, or kstatus reads the object InProgress for good.
+            if spec != runner.state.spec or generation != runner.state.generation:
                 runner.update(spec, generation)
             return
         self._start(ref, spec, status=status, generation=generation, meta=meta)
@@ -100,7 +108,7 @@ class Agent:
             status=status,
             generation=lambda: state.generation,  # the runner's updates move it forward
         )
-        runner = PullRunner(state, reporter, self.vms, self.settings)
+        runner = PullRunner(state, reporter, self.vms, self.settings, metrics=self.metrics)
         task = asyncio.create_task(self._supervise(runner, invalid), name=f"blockpull:{ref}")
         self._runners[ref.uid] = (runner, task)
 
@@ -129,6 +137,7 @@ class Agent:
             return
         finally:
             self._runners.pop(ref.uid, None)
+            self.metrics.forget(ref.uid)
             if st.is_terminal(runner.reporter.status):
                 self._finished.add(ref.uid)
 
@@ -163,10 +172,34 @@ class Agent:
         conn = await self.vms.get(self.settings.socket_template.path_for(ref.namespace, spec.vm))
         return conn, await stream.find_job(conn, job_id)
 
+    def _observe_finished(self, ref: ObjectRef, body: Mapping[str, Any]) -> None:
+        """A spec edit of a finished object (from Git, say) is observed: observedGeneration and
+        the conditions' catch up; nothing restarts, the outcome and its times stay."""
+        generation = int(body.get("metadata", {}).get("generation", 1))
+        if self._observed.get(ref.uid) == generation:
+            return  # written already (this event may be the echo of that write)
+        patch = st.observe_generation(body.get("status") or {}, generation)
+        if patch is None:
+            return
+        self._observed[ref.uid] = generation
+        self._spawn(self._write_observed(ref, patch, generation))
+
+    async def _write_observed(self, ref: ObjectRef, patch: Mapping[str, Any], generation: int) -> None:
+        try:
+            await self.kube.patch_status(ref, patch, urgent=False)
+        except Gone:
+            pass
+        except KubeAPIError as exc:
+            log.warning("%s: could not record observedGeneration %d: %s", ref, generation, exc)
+            if self._observed.get(ref.uid) == generation:
+                del self._observed[ref.uid]  # the next event of the object tries again
+
     def forget(self, uid: str) -> None:
         """The object is gone from the API: drop what was kept about it."""
         self._finished.discard(uid)
         self._swept.discard(uid)
+        self._observed.pop(uid, None)
+        self.metrics.forget(uid)
         self._cancel_ttl(uid)
 
     # --- deletion -----------------------------------------------------------------------------
@@ -203,6 +236,8 @@ class Agent:
                         stream.wait_for_outcome(conn, job_id), self.settings.delete_timeout
                     )
             await stream.dismiss(conn, job_id)
+            if not job.concluded:
+                self.metrics.job_finished(ref, JobResult.CANCELLED)
             await self._event(ref, "Normal", "Cancelled", f"cancelled QEMU job {job_id}; chain intact")
         except (BlockPullError, TimeoutError) as exc:
             await self._warn(
