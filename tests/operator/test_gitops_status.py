@@ -21,7 +21,7 @@ import pytest
 from argocd_lua import health
 from harness import GROUP, PLURAL, VERSION, AgentProcess, JobEvents, Namespace, VMFactory, eventually
 
-from qemulab import Chain, QemuVM
+from qemulab import Chain, Disk, InjectError, QemuVM
 
 #: Set to a directory to keep the recorded objects (deploy/argocd/testdata was made this way).
 RECORD_DIR = os.environ.get("BLOCKPULL_RECORD_OBJECTS")
@@ -260,3 +260,18 @@ def test_spec_edits_of_unfinished_objects_are_observed(
     eventually(lambda: ns.status("steady").get("observedGeneration") == 2, timeout=10, what="observed")
     assert ns.status("steady")["phase"] == "Running"
     ns.assert_event_reasons("steady", ["Started"])
+
+
+def test_paused_by_qemu_after_an_io_error_reads_degraded_in_argo_cd(
+    ns: Namespace, agent: AgentProcess, chain4: Chain, vm_in: VMFactory, recorder: Recorder
+) -> None:
+    # Not the user's pause: QEMU stopped the job (onError: stop) and only a person can retry it.
+    disk = Disk(chain4, inject={0: [InjectError(sector=2048)]})
+    vm = vm_in("web-1", [disk])
+    ns.create("stopped", nodeName="node-a", vm="web-1", disk=vm.disks[0].top, onError="stop")
+    status = ns.wait_reason("stopped", "Paused", "PausedOnErrorFailed")
+    obj = ns.get("stopped")
+    assert obj is not None and obj["status"] == status
+    _keep("stopped", [obj])
+    assert kstatus.compute(obj).status == kstatus.IN_PROGRESS  # not finished: it can be retried
+    assert health(obj) == {"status": "Degraded", "message": f"PausedOnErrorFailed: {status['message']}"}
