@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import start_http_server
 
 if TYPE_CHECKING:  # the agent's entry point imports this before the Kubernetes client
@@ -55,14 +55,22 @@ class _Job:
 class AgentMetrics:
     """The metric families of one agent (one node), fed by its runners and manager."""
 
+    #: Pending reasons this agent writes (a fixed set, so the label stays bounded).
+    PENDING_REASONS = ("Starting", "WaitingForVM", "QEMUUnavailable", "DiskBusy", "Paused")
+
     def __init__(
         self, node: str, *, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time
     ) -> None:
         self.node = node
+        # No `*_created` series beside each counter and histogram: in the text format they are
+        # gauge families of their own, outside the contract's names, doubling the series.
+        # (prometheus_client's switch is process-wide; this process is the agent.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         self._clock = clock
         self._wall = wall
         self._jobs: dict[str, _Job] = {}
+        self._pending: dict[str, str] = {}  # uid -> Pending reason
         self._active = Gauge(
             "blockpull_jobs_active",
             "BlockPulls with a job in QEMU now (running or paused)",
@@ -73,6 +81,14 @@ class AgentMetrics:
             "blockpull_jobs_queued",
             "BlockPulls waiting for a node slot (reason Queued); 0 until the agent schedules slots",
             ["node"],
+            registry=self.registry,
+        )
+        # Beyond the contract's table (which stays as it is): what the "pending too long"
+        # alert needs, since a Pending object has no job and so no per-object series.
+        self._waiting = Gauge(
+            "blockpull_jobs_pending",
+            "BlockPulls Pending now (no job in QEMU), by reason; Queued ones are blockpull_jobs_queued",
+            ["node", "reason"],
             registry=self.registry,
         )
         self._finished = Counter(
@@ -111,6 +127,8 @@ class AgentMetrics:
         self._active.labels(node).set(0)
         self._queued.labels(node).set(0)
         self._streamed.labels(node)
+        for reason in self.PENDING_REASONS:
+            self._waiting.labels(node, reason).set(0)
         for result in JobResult:
             self._finished.labels(node, result.value)
             self._duration.labels(node, result.value)
@@ -123,6 +141,7 @@ class AgentMetrics:
         `started_at`: the job's start on the wall clock (its `status.startTime`) when the agent
         did not start it itself; the duration is then measured from there.
         """
+        self._not_pending(ref.uid)
         started = self._clock()
         if started_at is not None:
             started -= max(0.0, self._wall() - started_at)
@@ -146,6 +165,17 @@ class AgentMetrics:
         )
         self._remaining.labels(job.namespace, job.name, self.node).set(max(0, length - offset))
 
+    def pending(self, ref: ObjectRef, reason: str) -> None:
+        """The object waits with this reason and has no job in QEMU (any more)."""
+        self._drop_job(ref.uid)
+        before = self._pending.get(ref.uid)
+        if before == reason:
+            return
+        self._pending[ref.uid] = reason
+        if before is not None:
+            self._waiting.labels(self.node, before).dec()
+        self._waiting.labels(self.node, reason).inc()
+
     def job_finished(self, ref: ObjectRef, result: JobResult) -> None:
         """The object reached an outcome (or its job was cancelled by a delete)."""
         self._finished.labels(self.node, result.value).inc()
@@ -155,7 +185,16 @@ class AgentMetrics:
         self.forget(ref.uid)
 
     def forget(self, uid: str) -> None:
-        """The object has no job any more (gone, or its QEMU went away): drop its series."""
+        """The object is finished or gone: drop everything kept about it."""
+        self._not_pending(uid)
+        self._drop_job(uid)
+
+    def _not_pending(self, uid: str) -> None:
+        reason = self._pending.pop(uid, None)
+        if reason is not None:
+            self._waiting.labels(self.node, reason).dec()
+
+    def _drop_job(self, uid: str) -> None:
         job = self._jobs.pop(uid, None)
         if job is None:
             return

@@ -518,6 +518,7 @@ class PullRunner:
         await self.reporter.event("Warning", "Failed", f"{reason}: {message}")
 
     async def _pending(self, reason: str, message: str) -> None:
+        self.metrics.pending(self.state.ref, reason)
         status = self.reporter.status
         if (
             status.get("phase") == st.PENDING
@@ -526,7 +527,6 @@ class PullRunner:
             and status.get("observedGeneration") == self.state.generation
         ):
             return
-        self.metrics.forget(self.state.ref.uid)  # waiting: no job in QEMU (any more)
         await self.reporter.transition(st.StatusView(phase=st.PENDING, reason=reason, message=message))
 
     # --- metrics ------------------------------------------------------------------------------
