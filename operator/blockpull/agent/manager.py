@@ -80,8 +80,8 @@ class Agent:
             return
         if running is not None:
             runner = running[0]
-            # A new generation with an equal spec (say `paused: false` written out) must still
-            # reach status.observedGeneration, or kstatus reads the object InProgress for good.
+            # A new generation with an equal spec (say bandwidth `1Mi` rewritten as 1048576) must
+            # still reach status.observedGeneration, or kstatus reads the object InProgress for good.
             if spec != runner.state.spec or generation != runner.state.generation:
                 runner.update(spec, generation)
             return
