@@ -8,6 +8,8 @@ packages=()
 command -v qemu-system-x86_64 >/dev/null || packages+=(qemu-system-x86)
 command -v qemu-img >/dev/null || packages+=(qemu-utils)
 command -v kubectl >/dev/null || packages+=(kubernetes-client)
+# promtool tests the PrometheusRule alerts in deploy/monitoring/ (Debian ships it with prometheus).
+command -v promtool >/dev/null || packages+=(prometheus)
 if ((${#packages[@]})); then
     echo "setup: installing ${packages[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

@@ -21,6 +21,10 @@ KUBERNETES_VERSIONS = ("1.31.0", "1.32.0")
 NOT_IN_KUBERNETES_SCHEMAS = {
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"),  # rendered below instead
     ("blockpull.dev/v1alpha1", "BlockPull"),  # validated against the CRD in test_crd.py
+    # The Prometheus Operator's kinds (deploy/monitoring): not Kubernetes' own schemas;
+    # tests/unit/test_metrics_alerts.py checks them against the DaemonSet and promtool.
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
 EXPECTED_OBJECTS = {
     ("Namespace", None, "blockpull-system"),

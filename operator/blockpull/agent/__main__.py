@@ -1,6 +1,7 @@
 """`blockpull-agent` / `python -m blockpull.agent`: the node agent's entry point.
 
-Owns: reading settings (failing fast with one line), building the Kubernetes client from
+Owns: reading settings (failing fast with one line), serving the Prometheus metrics (a port
+that cannot be bound fails the start the same way), building the Kubernetes client from
 `KUBECONFIG` or the in-cluster service account, and running kopf standalone.
 """
 
@@ -11,6 +12,7 @@ import contextlib
 import logging
 import sys
 
+from blockpull.agent.metrics import AgentMetrics
 from blockpull.agent.settings import AgentSettings
 from blockpull.errors import InvalidSpec
 
@@ -22,6 +24,7 @@ def main() -> None:
     except InvalidSpec as exc:
         print(f"blockpull-agent: error: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
+    metrics = start_metrics(settings)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -39,13 +42,29 @@ def main() -> None:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_run(settings))
+            asyncio.run(_run(settings, metrics))
     except InvalidSpec as exc:  # the Kubernetes client configuration: one line, as above
         print(f"blockpull-agent: error: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-async def _run(settings: AgentSettings) -> None:
+def start_metrics(settings: AgentSettings) -> AgentMetrics:
+    """The agent's metrics, served before kopf starts: a taken port stops the agent at once."""
+    metrics = AgentMetrics(settings.node_name)
+    if settings.metrics_port is not None:
+        try:
+            metrics.serve(settings.metrics_port)
+        except OSError as exc:
+            print(
+                f"blockpull-agent: error: BLOCKPULL_METRICS_PORT {settings.metrics_port}: cannot serve "
+                f"metrics there ({exc.strerror or exc})",
+                file=sys.stderr,
+            )
+            raise SystemExit(2) from None
+    return metrics
+
+
+async def _run(settings: AgentSettings, metrics: AgentMetrics) -> None:
     import kopf  # noqa: PLC0415
 
     from blockpull.agent.handlers import build_registry, connection_info  # noqa: PLC0415
@@ -60,7 +79,7 @@ async def _run(settings: AgentSettings) -> None:
         connect_timeout=settings.connect_timeout,
         command_timeout=settings.command_timeout,
     )
-    agent = Agent(settings, kube, vms)
+    agent = Agent(settings, kube, vms, metrics=metrics)
     registry = build_registry(lambda: agent, settings, lambda: connection_info(api_client))
     liveness = f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None
     await kopf.operator(

@@ -18,6 +18,7 @@ from typing import Any
 from blockpull import pull as protocol
 from blockpull.agent import status as st
 from blockpull.agent.kube import Gone, KubeAPI, KubeAPIError, ObjectRef
+from blockpull.agent.metrics import AgentMetrics, JobResult
 from blockpull.agent.reporter import ObjectReporter
 from blockpull.agent.runner import ObjectState, PullRunner, job_id_for
 from blockpull.agent.settings import AgentSettings
@@ -48,10 +49,14 @@ def uid_of_job(job_id: str) -> str | None:
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, kube: KubeAPI, vms: VMs) -> None:
+    def __init__(
+        self, settings: AgentSettings, kube: KubeAPI, vms: VMs, metrics: AgentMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.kube = kube
         self.vms = vms
+        self.metrics = metrics or AgentMetrics(settings.node_name)
+        self._observed: dict[str, int] = {}  # finished objects: the generation last written
         self._runners: dict[str, tuple[PullRunner, asyncio.Task[None]]] = {}
         self._ttl: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -76,6 +81,7 @@ class Agent:
         if st.is_terminal(status):
             self._schedule_ttl(ref, body)
             self._sweep_once(ref, body)
+            self._observe_finished(ref, body)
             return
         generation = int(meta.get("generation", 1))
         running = self._runners.get(ref.uid)
@@ -91,7 +97,9 @@ class Agent:
             return
         if running is not None:
             runner = running[0]
-            if spec != runner.state.spec:
+            # A new generation with an equal spec (say bandwidth `1Mi` rewritten as 1048576) must
+            # still reach status.observedGeneration, or kstatus reads the object InProgress for good.
+            if spec != runner.state.spec or generation != runner.state.generation:
                 runner.update(spec, generation)
             return
         self._start(ref, spec, status=status, generation=generation, meta=meta)
@@ -117,7 +125,7 @@ class Agent:
             status=status,
             generation=lambda: state.generation,  # the runner's updates move it forward
         )
-        runner = PullRunner(state, reporter, self.vms, self.settings)
+        runner = PullRunner(state, reporter, self.vms, self.settings, metrics=self.metrics)
         runner.collect_orphan = lambda driver, job: self.collect_orphan(ref, driver, job)
         task = asyncio.create_task(self._supervise(runner, invalid), name=f"blockpull:{ref}")
         self._runners[ref.uid] = (runner, task)
@@ -150,6 +158,7 @@ class Agent:
             return
         finally:
             self._runners.pop(ref.uid, None)
+            self.metrics.forget(ref.uid)
             if st.is_terminal(runner.reporter.status):
                 self._finished.add(ref.uid)
 
@@ -216,10 +225,34 @@ class Agent:
         await protocol.conclude(driver, job.job_id, None, record=record)
         return True
 
+    def _observe_finished(self, ref: ObjectRef, body: Mapping[str, Any]) -> None:
+        """A spec edit of a finished object (from Git, say) is observed: observedGeneration and
+        the conditions' catch up; nothing restarts, the outcome and its times stay."""
+        generation = int(body.get("metadata", {}).get("generation", 1))
+        if self._observed.get(ref.uid) == generation:
+            return  # written already (this event may be the echo of that write)
+        patch = st.observe_generation(body.get("status") or {}, generation)
+        if patch is None:
+            return
+        self._observed[ref.uid] = generation
+        self._spawn(self._write_observed(ref, patch, generation))
+
+    async def _write_observed(self, ref: ObjectRef, patch: Mapping[str, Any], generation: int) -> None:
+        try:
+            await self.kube.patch_status(ref, patch, urgent=False)
+        except Gone:
+            pass
+        except KubeAPIError as exc:
+            log.warning("%s: could not record observedGeneration %d: %s", ref, generation, exc)
+            if self._observed.get(ref.uid) == generation:
+                del self._observed[ref.uid]  # the next event of the object tries again
+
     def forget(self, uid: str) -> None:
         """The object is gone from the API: drop what was kept about it."""
         self._finished.discard(uid)
         self._swept.discard(uid)
+        self._observed.pop(uid, None)
+        self.metrics.forget(uid)
         self._cancel_ttl(uid)
 
     # --- deletion -----------------------------------------------------------------------------
@@ -270,6 +303,8 @@ class Agent:
                 return
 
             async def record(outcome: Outcome) -> None:
+                if not job.concluded:
+                    self.metrics.job_finished(ref, JobResult.CANCELLED)
                 message = f"cancelled QEMU job {job_id} ({outcome.result.value}); chain intact"
                 log.info("%s: %s", ref, message)
                 await self._event(ref, "Normal", "Cancelled", message)

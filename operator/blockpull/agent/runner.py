@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from blockpull import pull as protocol
 from blockpull.agent import status as st
 from blockpull.agent.kube import KubeAPIError, ObjectRef
+from blockpull.agent.metrics import AgentMetrics, JobResult
 from blockpull.agent.settings import AgentSettings
 from blockpull.agent.spec import PullSpec
 from blockpull.agent.vms import VMs
@@ -93,11 +94,13 @@ class PullRunner:
         reporter: Reporter,
         vms: VMs,
         settings: AgentSettings,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.state = state
         self.reporter = reporter
         self.vms = vms
         self.settings = settings
+        self.metrics = metrics or AgentMetrics(settings.node_name)
         self.job_id = str(reporter.status.get("jobId") or job_id_for(state.ref.uid))
         self._changed = asyncio.Event()
         self._abort = asyncio.Event()
@@ -143,6 +146,7 @@ class PullRunner:
         if st.is_terminal(self.reporter.status):
             return
         try:
+            await self._announce()
             await self._run()
         except _Aborted:
             await self._warn_if_unconfirmed()
@@ -183,6 +187,12 @@ class PullRunner:
             await self._sleep(backoff)
             backoff = min(backoff * 2, self.settings.pending_backoff_max)
 
+    async def _announce(self) -> None:
+        """A new object's first status, before any QMP work: until an object has status,
+        kstatus (Flux, kpt) reads it as done, so that window must be as short as can be."""
+        if not self.reporter.status:
+            await self._pending("Starting", "the agent is connecting to the VM's QEMU")
+
     async def _warn_if_unconfirmed(self) -> None:
         """Deleted while QEMU could not be asked to cancel a job we had started: say so."""
         if (
@@ -218,6 +228,7 @@ class PullRunner:
             # ended without anyone watching.
             self._ended_unwatched = job.concluded
             log.info("%s: re-attached to job %s (%s)", self.state.ref, self.job_id, protocol.job_state(job))
+            self._metrics_reattached(job)
             if not job.concluded and "chain" not in self.reporter.status:
                 await self._record_chain(driver)
             return
@@ -265,6 +276,7 @@ class PullRunner:
                 start_time=st.now_rfc3339(),
             )
         )
+        self.metrics.job_started(self.state.ref)
         await self.reporter.event("Normal", "Started", f"started QEMU job {self.job_id} on {spec.disk}")
 
     async def _explain_busy(self, driver: BlockJobDriver, exc: DiskBusy) -> DiskBusy:
@@ -415,6 +427,7 @@ class PullRunner:
         return job
 
     async def _on_progress(self, job: Progress) -> None:
+        self.metrics.progress(self.state.ref, job.offset, job.length)
         view = self._running_view(job)
         if view.phase != self.reporter.status.get("phase"):
             await self.reporter.transition(view)
@@ -474,6 +487,7 @@ class PullRunner:
             if reason is None:  # deletion: say what really happened, then let the object go
                 self.abort_outcome = outcome.result.value
                 if outcome.result is Result.CANCELLED:
+                    self._metrics_outcome(JobResult.CANCELLED, outcome)
                     message = f"cancelled QEMU job {self.job_id} at {_percent(outcome)}; chain intact"
                     log.info("%s: %s", self.state.ref, message)
                     await self.reporter.event("Normal", "Cancelled", message)
@@ -530,6 +544,7 @@ class PullRunner:
                 released_images=released,
             )
         )
+        self._metrics_outcome(JobResult.COMPLETED, outcome)
         await self.reporter.event("Normal", "Completed", message)
 
     def _released(self) -> list[str]:
@@ -554,19 +569,35 @@ class PullRunner:
                 completion_time=st.now_rfc3339(),
             )
         )
+        self._metrics_outcome(JobResult.CANCELLED if reason == "Cancelled" else JobResult.FAILED, outcome)
         await self.reporter.event("Warning", "Failed", f"{reason}: {message}")
 
     async def _pending(self, reason: str, message: str) -> None:
         if self._rejected is not None:
             message += f"; spec generation {self._rejected[0]} not applied: {self._rejected[1]}"
+        self.metrics.pending(self.state.ref, reason)
         status = self.reporter.status
         if (
             status.get("phase") == st.PENDING
             and status.get("reason") == reason
             and status.get("message") == message
+            and status.get("observedGeneration") == self.state.generation
         ):
             return
         await self.reporter.transition(st.StatusView(phase=st.PENDING, reason=reason, message=message))
+
+    # --- metrics ------------------------------------------------------------------------------
+
+    def _metrics_reattached(self, job: Progress) -> None:
+        started = st.parse_time(self.reporter.status.get("startTime"))
+        self.metrics.job_started(
+            self.state.ref, offset=job.offset, started_at=started.timestamp() if started else None
+        )
+
+    def _metrics_outcome(self, result: JobResult, outcome: Outcome | None) -> None:
+        if outcome is not None:
+            self.metrics.progress(self.state.ref, outcome.offset, outcome.length)
+        self.metrics.job_finished(self.state.ref, result)
 
     # --- time ---------------------------------------------------------------------------------
 
