@@ -200,8 +200,11 @@ def agent_status_reasons() -> set[str]:
             continue  # writes no status (kube.py's API errors have reasons for logs only)
         found.update(re.findall(r'\breason\s*=\s*"([A-Z][A-Za-z]+)"', source))
         found.update(re.findall(r'\b_(?:fail|pending)\(\s*"([A-Z][A-Za-z]+)"', source))
-    runner = agent_sources()["runner.py"]
-    assert 'f"PausedOnError{job.io_status.capitalize()}"' in runner, "update IO_STATUSES_ON_ERROR"
+        # views.py: `reason, message = "Paused", ...` and `phase, reason = st.RUNNING, "Streaming"`
+        found.update(re.findall(r'\breason,\s*message\s*=\s*"([A-Z][A-Za-z]+)"', source))
+        found.update(re.findall(r'\bphase,\s*reason\s*=\s*[\w.]+,\s*"([A-Z][A-Za-z]+)"', source))
+    views = agent_sources()["views.py"]
+    assert 'f"PausedOnError{job.io_status.capitalize()}"' in views, "update IO_STATUSES_ON_ERROR"
     found.update(f"PausedOnError{status.capitalize()}" for status in IO_STATUSES_ON_ERROR)
     return found | (error_reasons() - NOT_A_STATUS_REASON.keys())
 

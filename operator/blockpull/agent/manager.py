@@ -12,11 +12,12 @@ import contextlib
 import datetime
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from blockpull import pull as protocol
 from blockpull.agent import status as st
+from blockpull.agent import views
 from blockpull.agent.kube import Gone, KubeAPI, KubeAPIError, ObjectRef
 from blockpull.agent.metrics import AgentMetrics, JobResult
 from blockpull.agent.reporter import ObjectReporter
@@ -62,6 +63,7 @@ class Agent:
         self._background: set[asyncio.Task[Any]] = set()
         self._swept: set[str] = set()  # finished objects checked for a leftover QEMU job
         self._finished: set[str] = set()  # uids whose outcome this agent wrote
+        self._refused: set[str] = set()  # uids being failed for an invalid spec
 
     # --- observations -------------------------------------------------------------------------
 
@@ -89,7 +91,9 @@ class Agent:
             spec = PullSpec.from_spec(body.get("spec", {}))
         except InvalidSpec as exc:
             if running is None:
-                self._start(ref, None, status=status, generation=generation, meta=meta, invalid=exc)
+                if ref.uid not in self._refused:
+                    self._refused.add(ref.uid)
+                    self._spawn(self._refuse(ref, status, generation, exc))
             else:
                 # Keep following the running job with the last valid spec; say so once per
                 # generation (every status write brings the same body back through the watch).
@@ -107,37 +111,54 @@ class Agent:
     def _start(
         self,
         ref: ObjectRef,
-        spec: PullSpec | None,
+        spec: PullSpec,
         *,
         status: Mapping[str, Any],
         generation: int,
         meta: Mapping[str, Any],
-        invalid: InvalidSpec | None = None,
     ) -> None:
         created = st.parse_time(meta.get("creationTimestamp")) or datetime.datetime.now(datetime.UTC)
-        placeholder = spec or PullSpec(node_name=self.settings.node_name, vm="invalid", disk="invalid")
-        state = ObjectState(ref=ref, spec=placeholder, generation=generation, created=created)
-        reporter = ObjectReporter(
+        state = ObjectState(ref=ref, spec=spec, generation=generation, created=created)
+        # The runner's updates move the generation forward.
+        reporter = self._reporter(ref, status, lambda: state.generation)
+        runner = PullRunner(state, reporter, self.vms, self.settings, metrics=self.metrics)
+        runner.collect_orphan = lambda driver, job: self.collect_orphan(ref, driver, job)
+        task = asyncio.create_task(self._supervise(runner), name=f"blockpull:{ref}")
+        self._runners[ref.uid] = (runner, task)
+
+    def _reporter(
+        self, ref: ObjectRef, status: Mapping[str, Any], generation: Callable[[], int]
+    ) -> ObjectReporter:
+        return ObjectReporter(
             self.kube,
             ref,
             node_name=self.settings.node_name,
             interval=self.settings.status_interval,
             status=status,
-            generation=lambda: state.generation,  # the runner's updates move it forward
+            generation=generation,
         )
-        runner = PullRunner(state, reporter, self.vms, self.settings, metrics=self.metrics)
-        runner.collect_orphan = lambda driver, job: self.collect_orphan(ref, driver, job)
-        task = asyncio.create_task(self._supervise(runner, invalid), name=f"blockpull:{ref}")
-        self._runners[ref.uid] = (runner, task)
 
-    async def _supervise(self, runner: PullRunner, invalid: InvalidSpec | None) -> None:
+    async def _refuse(
+        self, ref: ObjectRef, status: Mapping[str, Any], generation: int, exc: InvalidSpec
+    ) -> None:
+        """An object whose spec can never be served as written: Failed/InvalidSpec at once,
+        with no runner (nothing is ever sent to a VM for it)."""
+        reporter = self._reporter(ref, status, lambda: generation)
+        try:
+            await reporter.transition(views.failed(exc.reason, exc.message, None, st.now_rfc3339()))
+        except KubeAPIError as problem:
+            self._refused.discard(ref.uid)  # tried again at the object's next watch event
+            log.warning("%s: could not record the invalid spec (%s)", ref, problem)
+            return
+        self._finished.add(ref.uid)
+        self.metrics.job_finished(ref, JobResult.FAILED)
+        await reporter.event("Warning", "Failed", f"{exc.reason}: {exc.message}")
+
+    async def _supervise(self, runner: PullRunner) -> None:
         ref = runner.state.ref
         backoff = 1.0
         last_problem = ""
         try:
-            if invalid is not None:
-                await runner._fail(invalid.reason, invalid.message)
-                return
             while True:
                 try:
                     await runner.run()
@@ -250,6 +271,7 @@ class Agent:
     def forget(self, uid: str) -> None:
         """The object is gone from the API: drop what was kept about it."""
         self._finished.discard(uid)
+        self._refused.discard(uid)
         self._swept.discard(uid)
         self._observed.pop(uid, None)
         self.metrics.forget(uid)
