@@ -9,11 +9,26 @@ Kubernetes status dict, with one definition of each.
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from blockpull.agent import status as st
+
+_UID_JOB = re.compile(r"^blockpull-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
+
+
+def job_id_for(uid: str) -> str:
+    """The job id of an object: derived from its uid, so unique per object and found again
+    after an agent restart."""
+    return f"blockpull-{uid}"
+
+
+def uid_of_job(job_id: str) -> str | None:
+    """The object uid a job id of this agent's was derived from (`job_id_for`), if it is one."""
+    match = _UID_JOB.match(job_id)
+    return match[1] if match else None
 
 
 @dataclass(frozen=True)

@@ -22,21 +22,22 @@ import asyncio
 import contextlib
 import datetime
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from blockpull import pull as protocol
 from blockpull.agent import status as st
 from blockpull.agent import views
 from blockpull.agent.kube import KubeAPIError, ObjectRef
-from blockpull.agent.metrics import AgentMetrics, JobResult
-from blockpull.agent.record import PullRecord
+from blockpull.agent.metrics import AgentMetrics
+from blockpull.agent.outcomes import OutcomeWriter
+from blockpull.agent.record import PullRecord, job_id_for
+from blockpull.agent.reporter import Reporter
 from blockpull.agent.settings import AgentSettings
 from blockpull.agent.spec import PullSpec
 from blockpull.agent.steering import Steering
 from blockpull.agent.vms import VMs
-from blockpull.driver import BlockJobDriver, Outcome, Progress, Result, StreamRequest
+from blockpull.driver import BlockJobDriver, Outcome, Progress, StreamRequest
 from blockpull.errors import (
     BlockPullError,
     DeadlineExceeded,
@@ -50,16 +51,6 @@ from blockpull.errors import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class Reporter(Protocol):
-    """Where the runner's view of the object goes (the status subresource and Events)."""
-
-    async def transition(self, view: st.StatusView) -> None: ...
-    async def progress(self, view: st.StatusView) -> None: ...
-    async def event(self, kind: str, reason: str, message: str) -> None: ...
-    @property
-    def status(self) -> Mapping[str, Any]: ...
 
 
 @dataclass
@@ -76,11 +67,6 @@ class _HeldPaused(TransientError):
     """Created with spec.paused: QEMU cannot start a job paused, so it is not started yet."""
 
     reason = "Paused"
-
-
-def job_id_for(uid: str) -> str:
-    # Derived from the uid: unique per object and recomputable after an agent restart.
-    return f"blockpull-{uid}"
 
 
 #: Collects an ended job of this agent whose object is gone; True when it did (the manager's).
@@ -103,6 +89,7 @@ class PullRunner:
         self.metrics = metrics or AgentMetrics(settings.node_name)
         self.job_id = self.record.job_id or job_id_for(state.ref.uid)
         self.steering = Steering(state.ref, self.job_id, reporter.event)
+        self.outcomes = OutcomeWriter(state.ref, reporter, self.metrics, lambda: self.record)
         self._changed = asyncio.Event()
         self._abort = asyncio.Event()
         #: How a deletion's cancel ended (a Result value, or "timeout"); None: not confirmed.
@@ -142,10 +129,6 @@ class PullRunner:
 
     def request_abort(self) -> None:
         self._abort.set()
-
-    async def refuse(self, exc: PermanentError) -> None:
-        """The object cannot be served as written (its spec is invalid): record the failure."""
-        await self._fail(exc.reason, exc.message)
 
     # --- the lifecycle ------------------------------------------------------------------------
 
@@ -240,7 +223,7 @@ class PullRunner:
         restarted): the disk's chain says whether the pull is done. True: start it again."""
         spec = self.state.spec
         if await driver.pulled(spec.disk, self.record.base_node or spec.base):
-            await self._complete(None, "the pull finished while the agent was away")
+            await self.outcomes.completed(None, "the pull finished while the agent was away")
             return False
         await self.reporter.event(
             "Warning",
@@ -265,37 +248,15 @@ class PullRunner:
         try:
             started = await driver.start(request)
         except DiskBusy as exc:
-            raise await self._explain_busy(driver, exc) from exc
+            raise await explain_busy(
+                driver, spec.disk, exc, node=self.settings.node_name, collect_orphan=self.collect_orphan
+            ) from exc
         self.steering.started(paused=False)
         await self.reporter.transition(
             views.started(self.job_id, spec.disk, started, spec.bandwidth, st.now_rfc3339())
         )
         self.metrics.job_started(self.state.ref)
         await self.reporter.event("Normal", "Started", f"started QEMU job {self.job_id} on {spec.disk}")
-
-    async def _explain_busy(self, driver: BlockJobDriver, exc: DiskBusy) -> DiskBusy:
-        """Name the jobs holding the disk; collect an ended one of this agent's, whose object is
-        gone (its id is derived from a uid no object has any more)."""
-        try:
-            jobs = await driver.blocking_jobs(self.state.spec.disk)
-        except BlockPullError:
-            return exc
-        for job in jobs:
-            if job.ended and self.collect_orphan is not None and await self.collect_orphan(driver, job):
-                return DiskBusy(f"collected the ended job {job.job_id} of a deleted BlockPull; retrying")
-        node = self.settings.node_name
-        # The agent holds its own monitor, and a QMP monitor serves one client at a time: the
-        # admin runs the command on another monitor of the VM.
-        return DiskBusy(
-            protocol.busy_message(
-                self.state.spec.disk,
-                jobs,
-                lambda job: (
-                    f"on node {node} run `{driver.collect_command(job)}` "
-                    "against a QMP monitor of the VM other than the agent's"
-                ),
-            )
-        )
 
     # --- following a job ----------------------------------------------------------------------
 
@@ -310,7 +271,7 @@ class PullRunner:
         self.finishing = True
         if await driver.pulled(self.state.spec.disk, self.record.base_node or self.state.spec.base):
             await driver.make_durable(self.record.device)
-            await self._complete(None, "the job was dismissed outside BlockPull after it completed")
+            await self.outcomes.completed(None, "the job was dismissed outside BlockPull after it completed")
             return
         await self._fail(
             "Cancelled", "the QEMU job disappeared (cancelled and dismissed outside BlockPull); chain intact"
@@ -326,7 +287,7 @@ class PullRunner:
         )
         try:
             while True:
-                woke = await self._wait_for(waiter, timeout=self._seconds_to_deadline())
+                woke = await self._wait(self._seconds_to_deadline(), waiter)
                 if waiter.done():
                     waiter.result()  # a vanished job (JobNotFound) or a lost VM propagates
                     await self._finish(driver)
@@ -346,14 +307,13 @@ class PullRunner:
                 with contextlib.suppress(asyncio.CancelledError, BlockPullError):
                     await waiter
 
-    async def _wait_for(self, waiter: asyncio.Task[Progress], timeout: float | None) -> bool:
-        """Until the job ends, an abort, a spec change (True) or the timeout (False)."""
+    async def _wait(self, timeout: float | None, job_end: asyncio.Task[Progress] | None = None) -> bool:
+        """Until an abort, a spec change (True), the job's end or the timeout (False)."""
         changed = asyncio.create_task(self._changed.wait())
         abort = asyncio.create_task(self._abort.wait())
         try:
-            done, _ = await asyncio.wait(
-                {waiter, changed, abort}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            waits = {changed, abort} if job_end is None else {changed, abort, job_end}
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             # Also when the runner itself is cancelled (agent shutdown): a leaked wait task
             # makes kopf wait for "hung tasks" before the process can exit.
@@ -419,52 +379,19 @@ class PullRunner:
         async def record(outcome: Outcome) -> None:
             if reason is None:
                 self.abort_outcome = outcome.result.value
-            if outcome.result is not Result.CANCELLED:
-                await self._record_outcome(outcome)  # it had ended before the cancel arrived
-            elif reason is None:  # deletion: say what happened, then let the object go
-                self.metrics.progress(self.state.ref, outcome.offset, outcome.length)
-                self.metrics.job_finished(self.state.ref, JobResult.CANCELLED)
-                message = f"cancelled QEMU job {self.job_id} at {views.percent(outcome)}; chain intact"
-                log.info("%s: %s", self.state.ref, message)
-                await self.reporter.event("Normal", "Cancelled", message)
-            else:
-                await self._fail(
-                    reason,
-                    f"activeDeadlineSeconds={self.state.spec.active_deadline_seconds} exceeded; job "
-                    f"cancelled at {views.percent(outcome)}, chain intact",
-                    outcome,
-                )
+            await self.outcomes.cancel_confirmed(
+                outcome,
+                deadline=None if reason is None else self.state.spec.active_deadline_seconds,
+                unwatched=self._ended_unwatched,
+            )
 
         await protocol.conclude(driver, self.job_id, self.record.device, record=record)
 
     async def _record_outcome(self, outcome: Outcome) -> None:
-        note = views.UNWATCHED if self._ended_unwatched else None
-        if outcome.result is Result.COMPLETED:
-            await self._complete(outcome, note)
-        elif outcome.result is Result.FAILED:
-            await self._fail(
-                "IOError", (outcome.error or "the job failed") + (f" ({note})" if note else ""), outcome
-            )
-        else:
-            await self._fail(
-                "Cancelled", "the QEMU job was cancelled outside BlockPull; chain intact", outcome
-            )
-
-    async def _complete(self, outcome: Outcome | None, note: str | None) -> None:
-        view = views.completed(self.record, outcome, note, st.now_rfc3339())
-        await self.reporter.transition(view)
-        self._count(JobResult.COMPLETED, outcome)
-        await self.reporter.event("Normal", "Completed", view.message)
+        await self.outcomes.job_ended(outcome, unwatched=self._ended_unwatched)
 
     async def _fail(self, reason: str, message: str, outcome: Outcome | None = None) -> None:
-        await self.reporter.transition(views.failed(reason, message, outcome, st.now_rfc3339()))
-        self._count(JobResult.CANCELLED if reason == "Cancelled" else JobResult.FAILED, outcome)
-        await self.reporter.event("Warning", "Failed", f"{reason}: {message}")
-
-    def _count(self, result: JobResult, outcome: Outcome | None) -> None:
-        if outcome is not None:
-            self.metrics.progress(self.state.ref, outcome.offset, outcome.length)
-        self.metrics.job_finished(self.state.ref, result)
+        await self.outcomes.failed(reason, message, outcome)
 
     async def _warn_if_unconfirmed(self) -> None:
         """Deleted while QEMU could not be asked to cancel a job we had started: say so."""
@@ -493,12 +420,9 @@ class PullRunner:
     # --- time ---------------------------------------------------------------------------------
 
     def _seconds_to_deadline(self) -> float | None:
-        deadline = self.state.spec.active_deadline_seconds
-        if deadline is None:
-            return None
-        started = self.record.start_time or self.state.created
-        elapsed = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
-        return max(0.0, deadline - elapsed)
+        return seconds_left(
+            self.state.spec.active_deadline_seconds, self.record.start_time or self.state.created
+        )
 
     def _check_deadline(self) -> None:
         if self._seconds_to_deadline() == 0 and not self.record.job_id:
@@ -510,13 +434,39 @@ class PullRunner:
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake for an abort, a spec change or the deadline."""
         deadline = self._seconds_to_deadline()
-        if deadline is not None:
-            seconds = min(seconds, deadline + 0.05)
-        abort = asyncio.create_task(self._abort.wait())
-        changed = asyncio.create_task(self._changed.wait())
-        try:
-            await asyncio.wait({abort, changed}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            abort.cancel()
-            changed.cancel()
+        await self._wait(seconds if deadline is None else min(seconds, deadline + 0.05))
         self._changed.clear()
+
+
+async def explain_busy(
+    driver: BlockJobDriver, disk: str, exc: DiskBusy, *, node: str, collect_orphan: OrphanCollector | None
+) -> DiskBusy:
+    """Name the jobs holding the disk; collect an ended one of this agent's whose object is
+    gone (its id is derived from a uid no object has any more)."""
+    try:
+        jobs = await driver.blocking_jobs(disk)
+    except BlockPullError:
+        return exc
+    for job in jobs:
+        if job.ended and collect_orphan is not None and await collect_orphan(driver, job):
+            return DiskBusy(f"collected the ended job {job.job_id} of a deleted BlockPull; retrying")
+    # The agent holds its own monitor, and a QMP monitor serves one client at a time: the admin
+    # runs the command on another monitor of the VM.
+    return DiskBusy(
+        protocol.busy_message(
+            disk,
+            jobs,
+            lambda job: (
+                f"on node {node} run `{driver.collect_command(job)}` "
+                "against a QMP monitor of the VM other than the agent's"
+            ),
+        )
+    )
+
+
+def seconds_left(deadline: int | None, since: datetime.datetime) -> float | None:
+    """Seconds until `deadline` seconds after `since` (never below 0); None: no deadline."""
+    if deadline is None:
+        return None
+    elapsed = (datetime.datetime.now(datetime.UTC) - since).total_seconds()
+    return max(0.0, deadline - elapsed)
