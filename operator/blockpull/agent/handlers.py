@@ -28,7 +28,7 @@ from blockpull.agent import status as st
 from blockpull.agent.kube import GROUP, PLURAL, VERSION
 from blockpull.agent.manager import Agent
 from blockpull.agent.settings import AgentSettings
-from blockpull.errors import PermanentError, TransientError
+from blockpull.errors import BlockPullError
 
 FINALIZER = "blockpull.dev/agent"
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -68,6 +68,17 @@ def _unfinished(status: kopf.Status, **_: Any) -> bool:
     return not st.is_terminal(status)
 
 
+#: How soon kopf retries a delete that hit a transient problem (QEMU busy, the API away).
+RETRY_DELAY = 2
+
+
+def kopf_error(exc: BlockPullError) -> kopf.TemporaryError | kopf.PermanentError:
+    """The edge's one mapping of the error tree: waiting is a retry, the rest gives up."""
+    if exc.retryable:
+        return kopf.TemporaryError(exc.message, delay=RETRY_DELAY)
+    return kopf.PermanentError(exc.message)
+
+
 def build_registry(
     get_agent: Callable[[], Agent],
     agent_settings: AgentSettings,
@@ -97,10 +108,8 @@ def build_registry(
     async def abort(body: kopf.Body, **_: Any) -> None:
         try:
             await get_agent().delete(body)
-        except TransientError as exc:
-            raise kopf.TemporaryError(exc.message, delay=2) from exc
-        except PermanentError as exc:
-            raise kopf.PermanentError(exc.message) from exc
+        except BlockPullError as exc:
+            raise kopf_error(exc) from exc
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from blockpull.errors import InvalidSpec, TransientError
+from blockpull.errors import BlockPullError, InvalidSpec
 
 GROUP, VERSION, PLURAL, KIND = "blockpull.dev", "v1alpha1", "blockpulls", "BlockPull"
 log = logging.getLogger(__name__)
@@ -42,8 +42,11 @@ class ObjectRef:
         return f"{self.namespace}/{self.name}"
 
 
-class KubeAPIError(TransientError):
-    """The Kubernetes API did not take a call; retried, never mistaken for a VM problem."""
+class KubeAPIError(BlockPullError):
+    """The Kubernetes API did not take a call; retried, never mistaken for a VM problem (it
+    is not a `TransientError`, which means "the VM is not ready")."""
+
+    retryable = True
 
     reason = "APIUnavailable"
 

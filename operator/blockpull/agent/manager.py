@@ -163,12 +163,9 @@ class Agent:
                     return
                 except Gone:
                     return
-                except KubeAPIError as exc:
-                    last_problem = _log_changed(
-                        ref, f"Kubernetes API trouble ({exc}); retrying", last_problem, backoff
-                    )
                 except BlockPullError as exc:
-                    last_problem = _log_changed(ref, f"{exc}; retrying", last_problem, backoff)
+                    trouble = "Kubernetes API trouble: " if isinstance(exc, KubeAPIError) else ""
+                    last_problem = _log_changed(ref, f"{trouble}{exc}; retrying", last_problem, backoff)
                 except Exception:
                     log.exception("%s: unexpected error; retrying in %.0fs", ref, backoff)
                 await asyncio.sleep(backoff)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from blockpull import pull as protocol
 from blockpull.agent import status as st
 from blockpull.agent import views
-from blockpull.agent.kube import KubeAPIError, ObjectRef
+from blockpull.agent.kube import ObjectRef
 from blockpull.agent.metrics import AgentMetrics
 from blockpull.agent.outcomes import OutcomeWriter
 from blockpull.agent.record import PullRecord, job_id_for
@@ -166,9 +166,7 @@ class PullRunner:
                 if await self._attach_or_start(driver):
                     await self._follow(driver)
                 return
-            except KubeAPIError:
-                raise  # the API, not the VM: the manager retries the whole runner
-            except TransientError as exc:
+            except TransientError as exc:  # the VM is not ready (API trouble goes to the manager)
                 self._trouble = exc.message
                 if isinstance(exc, Disconnected):
                     # QEMU went away mid-job. It may come back (a restart of the VM's QEMU):
