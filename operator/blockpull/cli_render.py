@@ -433,3 +433,24 @@ def error_line(stream: TextIO, message: str) -> None:
 def warning_line(stream: TextIO, message: str) -> None:
     stream.write("blockpull: warning: " + " ".join(message.split()) + "\n")
     stream.flush()
+
+
+# --- shared with the kubectl plugin -----------------------------------------------------------
+
+
+def percent_text(offset: int, length: int) -> str:
+    """offset/length as `45.12%`, truncated (never rounded up), as the agent writes `progress`.
+
+    `100.00%` only when the whole length is done: 99.999% must not read as finished.
+    """
+    if length <= 0:
+        return "100.00%"
+    hundredths = max(0, min(offset, length)) * 10000 // length
+    return f"{hundredths // 100}.{hundredths % 100:02d}%"
+
+
+def bar_text(fraction: float, width: int) -> str:
+    """`[####......]` exactly `width` characters wide; full only at 1.0 (truncated as above)."""
+    inner = max(0, width - 2)
+    filled = int(inner * max(0.0, min(1.0, fraction)))
+    return f"[{'#' * filled}{'.' * (inner - filled)}]"
