@@ -8,6 +8,8 @@ packages=()
 command -v qemu-system-x86_64 >/dev/null || packages+=(qemu-system-x86)
 command -v qemu-img >/dev/null || packages+=(qemu-utils)
 command -v kubectl >/dev/null || packages+=(kubernetes-client)
+# The kubectl plugin's terminal test drives its live view in a real terminal.
+command -v tmux >/dev/null || packages+=(tmux)
 if ((${#packages[@]})); then
     echo "setup: installing ${packages[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

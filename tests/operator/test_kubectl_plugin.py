@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from harness import (
     AgentProcess,
-    Cluster,
     Namespace,
     VMFactory,
     assert_flattened,
@@ -278,12 +277,12 @@ def test_watch_with_a_failure_is_1_and_names_the_reason(
 
 def test_dropped_expired_stalled_and_refused_watches_neither_end_nor_freeze_wait_and_watch(
     ns: Namespace,
-    cluster: Cluster,
     agent: AgentProcess,
     slow_chain: Chain,
     vm_in: VMFactory,
     procs: list[subprocess.Popen[str]],
 ) -> None:
+    cluster = ns.cluster
     api = cluster.stand_in
     if api is None:
         pytest.skip("needs the stand-in to cut watches (a real cluster cannot be told to)")
@@ -304,7 +303,7 @@ def test_dropped_expired_stalled_and_refused_watches_neither_end_nor_freeze_wait
 
     eventually(lambda: both("watch", 1), what="both watching")
     # 1. The server ends every watch (as on an API server restart): resumed from where it was.
-    api.call(lambda: api.server.hub.close_all())
+    api.call(api.server.hub.close_all)
     eventually(lambda: both("watch", 2), what="watches resumed")
     assert requests("wait", "list") == 1 and requests("watch", "list") == 1  # no re-listing needed
     # 2. The server forgets history (compaction): resuming is 410 Gone, so they list again.
@@ -315,7 +314,7 @@ def test_dropped_expired_stalled_and_refused_watches_neither_end_nor_freeze_wait
         api.inject_failures(user=user, verb="watch", status=None, delay=30, count=1)
         api.inject_failures(user=user, verb="watch", status=503, count=2)
     watches_before = {cmd: requests(cmd, "watch") for cmd in users}
-    api.call(lambda: api.server.hub.close_all())
+    api.call(api.server.hub.close_all)
     eventually(
         lambda: all(requests(cmd, "watch") >= watches_before[cmd] + 4 for cmd in users),
         timeout=30,

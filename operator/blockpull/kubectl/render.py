@@ -82,15 +82,18 @@ def live_row(tracked: Tracked, width: int, name_width: int, *, with_namespace: b
         pct = f"{pull.progress:>7}"
         amounts = f"  {format_bytes(pull.offset or 0):>10} / {format_bytes(pull.length or 0)}"
         if pull.phase == "Paused":
-            tail = f"  paused ({pull.reason})" if pull.reason != "Paused" else "  paused"
+            rate, end = "", (f"  paused ({pull.reason})" if pull.reason != "Paused" else "  paused")
         else:
-            tail = f"  {format_rate(tracked.rate()):>12}  ETA {format_duration(tracked.eta()):>7}"
-        for parts in ((amounts, tail), ("", tail), ("", "")):
-            fixed = len(head) + 1 + len(pct) + len(parts[0]) + len(parts[1])
-            room = width - fixed
-            if room >= MIN_BAR:
-                return f"{head}{bar_text(fraction, room)} {pct}{parts[0]}{parts[1]}"
-        return _fit(f"{head}{pct}{tail}", width)
+            rate, end = f"  {format_rate(tracked.rate()):>12}", f"  ETA {format_duration(tracked.eta()):>7}"
+        # As the node CLI's bar: on a narrow terminal the bar goes first, then the amounts,
+        # then the rate; the percentage and the ETA (or why it is paused) always stay.
+        room = width - len(head) - 1 - len(pct + amounts + rate + end)
+        if room >= MIN_BAR:
+            return f"{head}{bar_text(fraction, room)} {pct}{amounts}{rate}{end}"
+        for text in (pct + amounts + rate + end, pct + rate + end, pct + end, pct):
+            if len(head) + len(text) <= width:
+                return head + text
+        return _fit(head + pct, width)
     return _fit(head + detail(tracked), width)
 
 
