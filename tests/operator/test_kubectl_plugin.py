@@ -411,3 +411,39 @@ def test_unreachable_api_server_is_exit_3(ns: Namespace, tmp_path: Path) -> None
     result = run(ns, "wait", "x", kubeconfig=config)
     assert result.returncode == 3
     assert "cannot reach the API server" in one_error_line(result)
+
+
+def test_abort_without_an_agent_times_out_with_124_and_says_what_to_do(
+    ns: Namespace, agent: AgentProcess, slow_chain: Chain, vm_in: VMFactory
+) -> None:
+    vm_in("web-1", [slow_chain])
+    ns.create("orphan", nodeName="node-a", vm="web-1", disk=str(slow_chain.top), bandwidth="1Mi")
+    ns.wait_phase("orphan", "Running")
+    eventually(lambda: ns.status("orphan").get("progress"), what="progress")
+    agent.stop()  # nobody will release the finalizer
+    result = run(ns, "abort", "orphan", "--timeout", "3s")
+    assert result.returncode == 124
+    line = one_error_line(result)
+    assert "orphan is still being deleted (Running at " in line
+    assert "is the blockpull agent of node node-a running?" in line
+    assert """--type=merge -p '{"metadata":{"finalizers":null}}'""" in line
+    assert ns.get("orphan") is not None  # still Terminating: the plugin removed nothing
+
+
+def test_watch_all_namespaces_with_a_label_selector(
+    ns: Namespace, agent: AgentProcess, chain4: Chain, vm_in: VMFactory
+) -> None:
+    vm_in("web-1", [chain4])
+    manifest = ns.manifest("labelled", nodeName="node-a", vm="web-1", disk=str(chain4.top))
+    manifest["metadata"]["labels"] = {"run": ns.name}
+    ns.apply(manifest)
+    ns.create("unlabelled", nodeName="node-a", vm="web-1", disk="vda")
+    watched = run(ns, "watch", "-A", "-l", f"run={ns.name}", timeout=60)
+    assert watched.returncode == 0, watched.stderr
+    assert watched.stdout.splitlines()[-1].startswith(
+        f"blockpull.blockpull.dev/labelled (namespace {ns.name}) Completed: "
+    )
+    assert "unlabelled" not in watched.stdout
+    nothing = run(ns, "watch", "-l", "run=nobody")
+    assert (nothing.returncode, nothing.stdout) == (0, "")
+    assert nothing.stderr == f'No blockpulls matching run=nobody found in namespace "{ns.name}".\n'

@@ -49,6 +49,9 @@ class Tmux:
     def resize(self, width: int, height: int) -> None:
         self._tmux("resize-window", "-t", "t", "-x", str(width), "-y", str(height))
 
+    def send_keys(self, *keys: str) -> None:
+        self._tmux("send-keys", "-t", "t", *keys)
+
     def kill(self) -> None:
         subprocess.run(["tmux", "-S", str(self.socket), "kill-server"], capture_output=True, check=False)
 
@@ -167,5 +170,29 @@ def test_watch_on_a_terminal_moves_bars_survives_resizes_and_many_rows(
         for name in failing:
             assert f"blockpull.blockpull.dev/{name} Failed: DiskNotFound: " in text
         assert "\x1b" not in text and "blockpulls in namespace" not in text  # the live view is gone
+    finally:
+        tmux.kill()
+
+
+def test_ctrl_c_restores_the_terminal_and_leaves_the_pull_running(
+    ns: Namespace, agent: AgentProcess, slow_chain: Chain, vm_in: VMFactory, tmux_dir: Path
+) -> None:
+    vm_in("web-1", [slow_chain])
+    ns.create("slow", nodeName="node-a", vm="web-1", disk=str(slow_chain.top), bandwidth="1Mi")
+    ns.wait_phase("slow", "Running")
+    tmux = Tmux(tmux_dir / "sock", argv(ns, "wait", "slow"), width=100, height=12)
+    try:
+        # `wait` on a terminal shows the same live view (on stderr) while it waits.
+        eventually(lambda: filled(rows_of(tmux.pane(), ["slow"])["slow"]) >= 0, timeout=20, what="a bar")
+        tmux.send_keys("C-c")
+
+        def returned() -> list[str] | None:
+            lines = tmux.pane()
+            return lines if any(line.startswith("EXIT=") for line in lines) else None
+
+        after = eventually(returned, timeout=20, what="wait interrupted")
+        assert "EXIT=130" in after, after
+        assert not any(line.startswith("slow ") for line in after)  # the live view is gone
+        assert ns.status("slow")["phase"] == "Running"  # Ctrl-C stops watching, not the pull
     finally:
         tmux.kill()
