@@ -613,7 +613,9 @@ def _abort_story(target: Target, last: Pull) -> tuple[str, str]:
         )
     reason, message = event
     if reason == "Cancelled":
-        return "cancelled", f"aborted: {message}"
+        # An agent that restarted meanwhile cancels by id and knows no percentage: add ours.
+        seen = f" (last progress seen: {last.progress})" if last.progress and "%" not in message else ""
+        return "cancelled", f"aborted: {message}{seen}"
     if reason == "Completed":
         return "completed", f"completed before the cancel took effect: {message}"
     if reason == "Failed":
