@@ -30,6 +30,8 @@ from blockpull.kubectl.config import GROUP, PLURAL, VERSION, PluginError, Target
 WATCH_SECONDS = 300
 #: Backoff while the API server cannot be reached: doubles from MIN up to MAX seconds.
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 5.0
+#: How long stop() waits for the thread (a read in progress is cut by closing its socket).
+STOP_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,10 @@ class Watcher:
         with self._lock:
             if self._watch is not None:
                 self._watch.stop()  # type: ignore[no-untyped-call]  # unblocks a read in progress
+        # Joined, not left to die with the interpreter: a daemon thread still inside urllib3
+        # at exit made the process abort (SIGABRT) after its output was complete.
+        if self._thread.is_alive():
+            self._thread.join(timeout=STOP_TIMEOUT)
 
     # --- the thread ---------------------------------------------------------------------------
 
