@@ -18,6 +18,8 @@ from blockpull.quantity import parse_bandwidth
 
 #: Bound on each API request, and the longest a watch may stay silent before it is resumed.
 DEFAULT_REQUEST_TIMEOUT = 30.0
+#: As krew asks of plugins: help and usage name the command as it is typed, through kubectl.
+PROG = "kubectl blockpull"
 DEFAULT_ABORT_TIMEOUT = 120.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -77,7 +79,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as the plugin's one error line (no usage dump; --help has it)."""
 
     def error(self, message: str) -> NoReturn:
-        command = self.prog.removeprefix("kubectl-blockpull").strip()
+        command = self.prog.removeprefix(PROG).strip()
         where = f"{command}: " if command else ""
         raise PluginError(
             f"{where}{message} (see: kubectl blockpull {command + ' ' if command else ''}--help)"
@@ -122,7 +124,7 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="kubectl-blockpull",
+        prog=PROG,
         description="Create, follow, wait for and abort BlockPulls (blockpull.dev/v1alpha1): "
         "flatten running VMs' disks.",
         epilog=EPILOG,
