@@ -161,8 +161,9 @@ class Plain:
         self._out = out
         self._err = err
         self._with_namespace = with_namespace
-        self._last: dict[Key, tuple[str, float]] = {}
-        self._pending: set[Key] = set()
+        #: Per object: the last line written, the state it showed, and when.
+        self._last: dict[Key, tuple[str, str, float]] = {}
+        self._pending: set[Key] = set()  # progress held back by the once-a-second limit
 
     def open(self, followed: Followed) -> None:
         self.changed(followed, set(followed.objects))
@@ -173,6 +174,7 @@ class Plain:
             tracked = followed.objects.get(key)
             if tracked is None:
                 continue
+            state = render.state_word(tracked)
             if tracked.outcome is not None:
                 line = render.outcome_line(tracked, with_namespace=self._with_namespace)
             else:
@@ -181,14 +183,12 @@ class Plain:
             if last is not None and last[0] == line:
                 self._pending.discard(key)
                 continue
-            progress_only = (
-                last is not None and tracked.outcome is None and tracked.pull.phase == "Running"
-            ) and last[0].split(" ")[1] == "Running"
-            if progress_only and last is not None and now - last[1] < PLAIN_INTERVAL:
+            # Only more progress waits for its second; a change of state is written at once.
+            if last is not None and state == last[1] == "Running" and now - last[2] < PLAIN_INTERVAL:
                 self._pending.add(key)
                 continue
             self._out.write(line + "\n")
-            self._last[key] = (line, now)
+            self._last[key] = (line, state, now)
             self._pending.discard(key)
         self._out.flush()
 
