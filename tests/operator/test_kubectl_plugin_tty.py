@@ -196,3 +196,43 @@ def test_ctrl_c_restores_the_terminal_and_leaves_the_pull_running(
         assert ns.status("slow")["phase"] == "Running"  # Ctrl-C stops watching, not the pull
     finally:
         tmux.kill()
+
+
+def test_watch_on_a_terminal_says_when_its_watch_is_lost_and_carries_on(
+    ns: Namespace, agent: AgentProcess, slow_chain: Chain, vm_in: VMFactory, tmux_dir: Path
+) -> None:
+    api = ns.cluster.stand_in
+    if api is None:
+        pytest.skip("needs the stand-in to refuse the plugin's watches")
+    vm_in("web-1", [slow_chain])
+    ns.create("slow", nodeName="node-a", vm="web-1", disk=str(slow_chain.top), bandwidth="1Mi")
+    ns.wait_phase("slow", "Running")
+    user = f"plugin-tty-{ns.name}"
+    config = ns.cluster.kubeconfig_for(user)
+    tmux = Tmux(tmux_dir / "sock", argv(ns, "watch", kubeconfig=config), width=100, height=12)
+    try:
+        eventually(lambda: filled(rows_of(tmux.pane(), ["slow"])["slow"]) >= 0, timeout=20, what="a bar")
+        rule = api.inject_failures(user=user, verb="watch", status=503, count=None)
+        api.call(api.server.hub.close_all)
+        lost = eventually(
+            lambda: (lines := tmux.pane())[-1].startswith("watch: the API server answered 503") and lines,
+            timeout=20,
+            what="the lost watch said on the last line",
+        )
+        check_frame(lost, 100, 12, ["slow"])
+        assert len(rule.hits) >= 1
+        rule.remaining = 0  # the API server is back
+        eventually(
+            lambda: tmux.pane()[-1].startswith("Ctrl-C stops watching"), timeout=20, what="the note cleared"
+        )
+        ns.patch_spec("slow", bandwidth="512Mi")  # a change made after the outage is seen
+
+        def returned() -> list[str] | None:
+            lines = tmux.pane()
+            return lines if any(line.startswith("EXIT=") for line in lines) else None
+
+        after = eventually(returned, timeout=30, what="watch returned")
+        assert "EXIT=0" in after, after
+        assert any(line.startswith("blockpull.blockpull.dev/slow Completed: ") for line in after)
+    finally:
+        tmux.kill()

@@ -28,6 +28,8 @@ from blockpull.kubectl.config import GROUP, PLURAL, VERSION, PluginError, Target
 
 #: Server-side length of one watch request; it then ends normally and is resumed.
 WATCH_SECONDS = 300
+#: After trouble: a watch this short proves the way clear even when nothing changes.
+PROBE_SECONDS = 2
 #: Backoff while the API server cannot be reached: doubles from MIN up to MAX seconds.
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 5.0
 #: How long stop() waits for the thread (a read in progress is cut by closing its socket).
@@ -57,7 +59,7 @@ class Trouble:
 
 @dataclass(frozen=True)
 class Recovered:
-    relisted: bool
+    """The watch is up again after a `Trouble`."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class Watcher:
         self._thread = threading.Thread(target=self._run, name="blockpull-watch", daemon=True)
         self._start_rv = ""
         self._established = False
+        self._troubled = False
+        self._backoff = BACKOFF_MIN
         #: Counters for tests and --v: watch requests made, listings made.
         self.watches = 0
         self.listings = 0
@@ -126,9 +130,7 @@ class Watcher:
 
     def _run(self) -> None:
         rv = self._start_rv
-        backoff = BACKOFF_MIN
-        troubled = False
-        relisted = False
+        self._backoff = BACKOFF_MIN
         client = self.target.api_client()
         api = kubernetes.client.CustomObjectsApi(client)
         try:
@@ -137,13 +139,8 @@ class Watcher:
                     if rv == "":  # 410 Gone earlier: list again, from now
                         listed = self._list(api)
                         rv = listed.resource_version
-                        relisted = True
                         self.items.put(listed)
                     rv = self._watch_once(api, rv)
-                    if troubled:
-                        self.items.put(Recovered(relisted))
-                        troubled = relisted = False
-                    backoff = BACKOFF_MIN
                     continue
                 except _Gone:
                     rv = ""  # relist at once: nothing is wrong with the connection
@@ -153,8 +150,9 @@ class Watcher:
                         self.items.put(Fatal(api_error(exc, f"watching {PLURAL} in {self.scope.describe()}")))
                         return
                     message = f"the API server answered {exc.status} ({exc.reason})"
-                except (HTTPError, OSError, ValueError) as exc:
-                    # ValueError: urllib3 reading from a response closed under it (stop()).
+                except Exception as exc:
+                    # HTTPError, OSError; ValueError: urllib3 reading from a response closed
+                    # under it (stop()); anything else: retried too, the thread never dies.
                     message = f"watch connection lost ({type(exc).__name__})"
                     if isinstance(exc, ReadTimeoutError) and self._established:
                         # The watch was up and then silent for request_timeout: resume it at
@@ -162,11 +160,11 @@ class Watcher:
                         continue
                 if self._stop.is_set():
                     return
-                if not troubled:
+                if not self._troubled:
                     self.items.put(Trouble(f"{message}; re-establishing the watch"))
-                    troubled = True
-                self._stop.wait(backoff)
-                backoff = min(BACKOFF_MAX, backoff * 2)
+                    self._troubled = True
+                self._stop.wait(self._backoff)
+                self._backoff = min(BACKOFF_MAX, self._backoff * 2)
         finally:
             client.close()  # type: ignore[no-untyped-call]
 
@@ -180,7 +178,9 @@ class Watcher:
         self.watches += 1
         kwargs: dict[str, Any] = {
             "resource_version": rv,
-            "timeout_seconds": WATCH_SECONDS,
+            # After trouble, a short watch first: it ending normally proves the way is clear
+            # (an error comes as an ERROR event after a 200), even when nothing changes.
+            "timeout_seconds": PROBE_SECONDS if self._troubled else WATCH_SECONDS,
             "allow_watch_bookmarks": True,
             # (connect, read): a read that waits longer than this is a dead connection.
             "_request_timeout": (self.target.request_timeout, self.target.request_timeout),
@@ -191,6 +191,11 @@ class Watcher:
 
         def call(*a: Any, **kw: Any) -> Any:
             response = func(*a, **kw)
+            status = getattr(response, "status", 200)
+            if not 200 <= status <= 299:  # unpreloaded answers are not checked by the client
+                body = response.data
+                response.release_conn()
+                raise ApiException(status=status, reason=getattr(response, "reason", ""), body=body)
             self._established = True  # the server answered: a later silence is not a failure
             return response
 
@@ -206,6 +211,7 @@ class Watcher:
                     continue  # the client raises for these; defensive only
                 if isinstance(obj, dict):
                     rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
+                    self._recovered()
                 if kind in ("ADDED", "MODIFIED", "DELETED") and isinstance(obj, dict):
                     self.items.put(Changed(str(kind), obj))
                 if self._stop.is_set():
@@ -217,7 +223,14 @@ class Watcher:
         finally:
             with self._lock:
                 self._watch = None
+        self._recovered()  # ended normally (server-side timeout, or the server closed it)
         return rv
+
+    def _recovered(self) -> None:
+        self._backoff = BACKOFF_MIN
+        if self._troubled:  # said as soon as the watch is back, not when it next ends
+            self._troubled = False
+            self.items.put(Recovered())
 
     def _list(self, api: kubernetes.client.CustomObjectsApi) -> Listed:
         self.listings += 1
