@@ -24,7 +24,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError, ReadTimeoutError
 
-from blockpull.kubectl.config import GROUP, PLURAL, VERSION, PluginError, Target, api_error
+from blockpull.kubectl.config import EXIT_INTERNAL, GROUP, PLURAL, VERSION, PluginError, Target, api_error
 
 #: Server-side length of one watch request; it then ends normally and is resumed.
 WATCH_SECONDS = 300
@@ -150,9 +150,8 @@ class Watcher:
                         self.items.put(Fatal(api_error(exc, f"watching {PLURAL} in {self.scope.describe()}")))
                         return
                     message = f"the API server answered {exc.status} ({exc.reason})"
-                except Exception as exc:
-                    # HTTPError, OSError; ValueError: urllib3 reading from a response closed
-                    # under it (stop()); anything else: retried too, the thread never dies.
+                except (HTTPError, OSError, ValueError) as exc:
+                    # ValueError: urllib3 reading from a response closed under it (stop()).
                     message = f"watch connection lost ({type(exc).__name__})"
                     if isinstance(exc, ReadTimeoutError) and self._established:
                         # The watch was up and then silent for request_timeout: resume it at
@@ -165,6 +164,8 @@ class Watcher:
                     self._troubled = True
                 self._stop.wait(self._backoff)
                 self._backoff = min(BACKOFF_MAX, self._backoff * 2)
+        except Exception as exc:  # a bug: end the command saying so, never hang silently
+            self.items.put(Fatal(PluginError(f"internal error in the watch: {exc!r}", EXIT_INTERNAL)))
         finally:
             client.close()  # type: ignore[no-untyped-call]
 
