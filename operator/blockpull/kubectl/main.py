@@ -125,7 +125,10 @@ class Live:
             self._draw(followed)
 
     def tick(self, followed: Followed) -> None:
-        if self._screen.take_resize() or self._dirty or time.monotonic() - self._drawn_at >= TICK:
+        # At most FRAME_INTERVAL apart however fast changes come; at once after a resize; once a
+        # second anyway (a size change that came without SIGWINCH, e.g. while stopped).
+        since = time.monotonic() - self._drawn_at
+        if self._screen.take_resize() or (self._dirty and since >= FRAME_INTERVAL) or since >= TICK:
             self._draw(followed)
 
     def trouble(self, message: str | None) -> None:
