@@ -108,7 +108,9 @@ def test_watch_on_a_terminal_moves_bars_survives_resizes_and_many_rows(
     running = [f"pull-{i}" for i in range(3)]
     failing = [f"bad-{i}" for i in range(5)]
     for name, chain in zip(running, chains, strict=True):
-        ns.create(name, nodeName="node-a", vm="web-1", disk=str(chain.top), bandwidth="2Mi")
+        ns.create(
+            name, nodeName="node-a", vm="web-1", disk=str(chain.top), bandwidth="1Mi"
+        )  # 16 s: still running through the resizes
     for name in failing:
         ns.create(name, nodeName="node-a", vm="web-2", disk=f"no-{name}")
     names = running + failing

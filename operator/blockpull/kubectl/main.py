@@ -263,8 +263,8 @@ def follow(
         followed.snapshot(first.items, time.monotonic())
         _check_missing(target, followed, scope)
     watcher.start(first.resource_version)
-    display.open(followed)
     try:
+        display.open(followed)
         while True:
             verdict = _verdict(followed, stop_on_failure=stop_on_failure)
             if verdict is not None:
