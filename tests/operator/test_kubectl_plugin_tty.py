@@ -8,7 +8,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -93,6 +92,23 @@ def check_frame(lines: list[str], width: int, height: int, names: list[str]) -> 
     assert sum(line.startswith("blockpulls in namespace ") for line in lines) == 1
 
 
+def redrawn(tmux: Tmux, width: int, height: int, names: list[str]) -> list[str]:
+    """The pane once the view has redrawn itself for a new size (then checked by the caller)."""
+
+    def clean() -> list[str] | None:
+        lines = tmux.pane()
+        try:
+            check_frame(lines, width, height, names)
+        except AssertionError:
+            return None
+        return lines
+
+    try:
+        return list(eventually(clean, timeout=10, what=f"a frame for {width}x{height}"))
+    except AssertionError:
+        return tmux.pane()  # the caller's check_frame says what is wrong with it
+
+
 def test_watch_on_a_terminal_moves_bars_survives_resizes_and_many_rows(
     ns: Namespace,
     agent: AgentProcess,
@@ -144,15 +160,13 @@ def test_watch_on_a_terminal_moves_bars_survives_resizes_and_many_rows(
 
         # Narrower and shorter than the rows need: still one clean frame, the rest summed up.
         tmux.resize(60, 8)
-        time.sleep(1.5)
-        lines = tmux.pane()
+        lines = redrawn(tmux, 60, 8, names)
         check_frame(lines, 60, 8, names)
         assert any(line.startswith("... and ") for line in lines), lines
         shown = [n for n in names if rows_of(lines, names)[n]]
         assert set(running) <= set(shown), lines  # unfinished rows are the ones kept in view
         tmux.resize(90, 24)
-        time.sleep(1.5)
-        lines = tmux.pane()
+        lines = redrawn(tmux, 90, 24, names)
         check_frame(lines, 90, 24, names)
         assert all(rows_of(lines, names).values()), lines
 

@@ -39,6 +39,7 @@ exit status:
   3    the cluster could not be asked: API server unreachable, access refused, CRD not installed
   124  --timeout expired first (nothing is cancelled: the pulls go on)
   130  interrupted by Ctrl-C (143 SIGTERM); the pulls go on
+  70   a bug in the plugin (--debug shows the traceback)
 """
 
 
