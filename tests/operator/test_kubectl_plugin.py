@@ -447,3 +447,34 @@ def test_watch_all_namespaces_with_a_label_selector(
     nothing = run(ns, "watch", "-l", "run=nobody")
     assert (nothing.returncode, nothing.stdout) == (0, "")
     assert nothing.stderr == f'No blockpulls matching run=nobody found in namespace "{ns.name}".\n'
+
+
+def test_kubeconfig_env_list_context_and_its_namespace_as_kubectl(ns: Namespace, tmp_path: Path) -> None:
+    import yaml  # noqa: PLC0415
+
+    ns.create("exists", nodeName="node-a", vm="web-1", disk="vda")
+    config = yaml.safe_load(ns.cluster.kubeconfig.read_text())
+    current = next(c for c in config["contexts"] if c["name"] == config["current-context"])
+    current["context"]["namespace"] = ns.name
+    config["contexts"].append({"name": "other", "context": {**current["context"], "namespace": "default"}})
+    path = tmp_path / "config"
+    path.write_text(yaml.safe_dump(config))
+    env = plugin_env(KUBECONFIG=f"{tmp_path / 'missing'}{os.pathsep}{path}", HOME=str(tmp_path))
+
+    def plugin(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["kubectl", "blockpull", *args], env=env, capture_output=True, text=True, timeout=30, check=False
+        )
+
+    # No --kubeconfig, no -n: $KUBECONFIG's existing file, its current context's namespace.
+    found = plugin("wait", "exists", "--timeout", "0")
+    assert found.returncode == 124  # found, not finished (no agent), checked once
+    assert (
+        one_error_line(found)
+        == "kubectl-blockpull: error: timed out after 0s waiting for exists (New); the pulls go on"
+    )
+    elsewhere = plugin("--context", "other", "wait", "exists")
+    assert elsewhere.returncode == 2
+    assert one_error_line(elsewhere).endswith(
+        f'not found in namespace "default" (there is one in namespace "{ns.name}": use -n {ns.name})'
+    )
