@@ -99,9 +99,6 @@ class Watcher:
         self._established = False
         self._troubled = False
         self._backoff = BACKOFF_MIN
-        #: Counters for tests and --v: watch requests made, listings made.
-        self.watches = 0
-        self.listings = 0
 
     def list_now(self) -> Listed:
         """The first listing, in the caller's thread: its errors end the command at once."""
@@ -176,11 +173,11 @@ class Watcher:
             if self._stop.is_set():
                 return rv
             self._watch = watch
-        self.watches += 1
         kwargs: dict[str, Any] = {
             "resource_version": rv,
             # After trouble, a short watch first: it ending normally proves the way is clear
-            # (an error comes as an ERROR event after a 200), even when nothing changes.
+            # even when nothing changes (a 200 alone does not: an error may follow as an
+            # ERROR event).
             "timeout_seconds": PROBE_SECONDS if self._troubled else WATCH_SECONDS,
             "allow_watch_bookmarks": True,
             # (connect, read): a read that waits longer than this is a dead connection.
@@ -234,7 +231,6 @@ class Watcher:
             self.items.put(Recovered())
 
     def _list(self, api: kubernetes.client.CustomObjectsApi) -> Listed:
-        self.listings += 1
         func, args = self._list_call(api)
         body = func(*args, **self._selectors(), _request_timeout=self.target.request_timeout)
         items = [dict(item) for item in body.get("items") or []]
