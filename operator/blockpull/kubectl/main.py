@@ -367,12 +367,9 @@ def _wait_for(
     target: Target,
     out: TextIO,
     err: TextIO,
-    first: Listed | None = None,
 ) -> int:
     scope = _name_scope(target.namespace, names)
     followed = Followed(names)
-    if first is not None:
-        followed.snapshot(first.items, time.monotonic())
     json_out = args.output == "json"
     display: Display
     if not json_out and render.is_terminal(err):
@@ -386,7 +383,6 @@ def _wait_for(
         display,
         stop_on_failure=True,
         deadline=_deadline(timeout),
-        first=first,
     )
     if json_out:
         items = [_document(t) for t in followed.ordered()]
