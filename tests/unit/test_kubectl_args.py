@@ -32,6 +32,10 @@ def test_kubectl_flags_go_before_or_after_the_subcommand() -> None:
     assert (args.namespace, args.context, args.names, args.timeout) == ("vms", "c", ["a", "b"], 60.0)
     args = parse(["watch", "-A", "-l", "app=web", "-o", "json"])
     assert (args.all_namespaces, args.selector, args.output) == (True, "app=web", "json")
+    # kubectl's spellings: -n=NS, -ojson, --namespace=NS
+    args = parse(["watch", "-n=vms", "-ojson", "-l=a=b"])
+    assert (args.namespace, args.output, args.selector) == ("vms", "json", "a=b")
+    assert parse(["--namespace=vms", "wait", "x"]).namespace == "vms"
 
 
 @pytest.mark.parametrize(

@@ -193,9 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pflag_style(argv: list[str]) -> list[str]:
+    """kubectl (pflag) takes `-n=vms`; argparse would read the value as `=vms`."""
+    out: list[str] = []
+    for arg in argv:
+        if len(arg) > 3 and arg[0] == "-" and arg[1] != "-" and arg[2] == "=":
+            out += [arg[:2], arg[3:]]
+        else:
+            out.append(arg)
+    return out
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_pflag_style(argv))
     if args.all_namespaces and args.command != "watch":
         parser.error(f"-A/--all-namespaces is for watch only, not {args.command}")
     if args.all_namespaces and getattr(args, "names", None):

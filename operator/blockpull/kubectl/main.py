@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import re
 import signal
@@ -692,6 +693,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     except Interrupted as exc:
         return EXIT_SIGNAL_BASE + exc.signum
     except BrokenPipeError:  # `... | head`: the reader went away; say nothing more
+        # Python flushes stdout again at exit: point it at /dev/null so that this is silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return EXIT_SIGNAL_BASE + signal.SIGPIPE
     except Exception as exc:
         if debug:
