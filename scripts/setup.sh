@@ -10,6 +10,8 @@ command -v qemu-img >/dev/null || packages+=(qemu-utils)
 command -v kubectl >/dev/null || packages+=(kubernetes-client)
 # promtool tests the PrometheusRule alerts in deploy/monitoring/ (Debian ships it with prometheus).
 command -v promtool >/dev/null || packages+=(prometheus)
+# The kubectl plugin's terminal test drives its live view in a real terminal.
+command -v tmux >/dev/null || packages+=(tmux)
 if ((${#packages[@]})); then
     echo "setup: installing ${packages[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

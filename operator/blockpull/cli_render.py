@@ -144,8 +144,7 @@ class ProgressBar:
         tail = pct + amounts + rate + end
         room = width - len(self._label) - len(tail) - 3
         if room >= 10:
-            filled = int(room * min(job.percent, 100.0) / 100.0)
-            return f"{self._label} [{'#' * filled}{'.' * (room - filled)}]{tail}"
+            return f"{self._label} {bar_text(job.percent / 100.0, room + 2)}{tail}"
         for text in (self._label + tail, self._label + pct + end, self._label + pct):
             if len(text) <= width:
                 return text
@@ -435,3 +434,13 @@ def error_line(stream: TextIO, message: str) -> None:
 def warning_line(stream: TextIO, message: str) -> None:
     stream.write("blockpull: warning: " + " ".join(message.split()) + "\n")
     stream.flush()
+
+
+# --- shared with the kubectl plugin -----------------------------------------------------------
+
+
+def bar_text(fraction: float, width: int) -> str:
+    """`[####......]` exactly `width` characters wide; full only at 1.0 (truncated as above)."""
+    inner = max(0, width - 2)
+    filled = int(inner * max(0.0, min(1.0, fraction)))
+    return f"[{'#' * filled}{'.' * (inner - filled)}]"

@@ -66,5 +66,5 @@ def progress_text(offset: int, length: int) -> str:
     100.00% before the job says done."""
     if length <= 0:
         return "100.00%"
-    hundredths = offset * 10000 // length
+    hundredths = max(0, min(offset, length)) * 10000 // length
     return f"{hundredths // 100}.{hundredths % 100:02d}%"

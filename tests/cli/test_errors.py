@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from qemulab import EIO, InjectError
 from qemulab.imageinfo import host_offset
 
 from .conftest import LabFactory
-from .support import Lab, assert_one_error_line, run_cli
+from .support import Lab, assert_one_error_line, cli_argv, run_cli
 
 pytestmark = pytest.mark.qemu
 
@@ -232,3 +233,29 @@ def test_a_socket_that_closes_at_once_says_so(short_tmp: Path) -> None:
     assert ran.returncode == 3, str(ran)
     assert_one_error_line(ran, "closed the connection before greeting")
     assert "EOFError" not in ran.stderr
+
+
+def test_several_clients_queued_on_a_busy_monitor_each_say_what_happened(lab: Lab) -> None:
+    """Five commands queued behind a client that holds the -qmp monitor: each ends with one
+    line saying the monitor is busy with another client (never a bare OS error)."""
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    holder.connect(lab.socket)
+    try:
+        holder.recv(4096)
+        queued = [
+            subprocess.Popen(
+                [*cli_argv(), "--connect-timeout", "1", "jobs", lab.socket],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(5)
+        ]
+        results = [(proc.wait(timeout=30), proc.communicate()[1]) for proc in queued]
+    finally:
+        holder.close()
+    for status, stderr in results:
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert status == 3 and len(lines) == 1, (status, stderr)
+        assert "another client" in lines[0], lines
+        assert "Invalid argument" not in lines[0] and "Error" not in lines[0].split(":", 2)[-1], lines

@@ -29,7 +29,7 @@ CONTRIBUTING = REPO / "CONTRIBUTING.md"
 #: Pages that other branches add (libvirt, GitOps and metrics, the kubectl plugin). Links to
 #: them are allowed while they do not exist yet; once a page exists its links and anchors are
 #: checked like any other. Drop an entry when its page has landed.
-PAGES_FROM_OTHER_BRANCHES = frozenset({"docs/libvirt.md", "docs/kubectl-plugin.md"})
+PAGES_FROM_OTHER_BRANCHES = frozenset({"docs/libvirt.md"})
 #: Error reasons that never become a BlockPull's status reason, and why.
 NOT_A_STATUS_REASON = {
     # The agent judges a vanished job from the disk's chain: Completed, or Failed/Cancelled.
