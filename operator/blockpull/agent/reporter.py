@@ -24,6 +24,7 @@ class Reporter(Protocol):
     """Where the runner's view of the object goes (the status subresource and Events)."""
 
     async def transition(self, view: st.StatusView) -> None: ...
+    def transition_soon(self, view: st.StatusView) -> None: ...
     async def progress(self, view: st.StatusView) -> None: ...
     async def event(self, kind: str, reason: str, message: str) -> None: ...
     @property
@@ -52,18 +53,38 @@ class ObjectReporter:
         self._generation = generation
         self._clock = clock
         self._last_write = float("-inf")
+        #: A write started by `transition_soon`; the next write waits for it (order kept).
+        self._in_flight: asyncio.Task[None] | None = None
 
     @property
     def status(self) -> Mapping[str, Any]:
         return self._status
 
     async def transition(self, view: st.StatusView) -> None:
+        await self._settle()
         await self._write(view, urgent=True)
 
+    def transition_soon(self, view: st.StatusView) -> None:
+        """Start writing `view` and return at once: the caller's work overlaps the write, and
+        the next write waits for this one, so they reach the API in order. It goes through the
+        routine lane: in a burst of new objects, the urgent lane is kept for the Running writes."""
+        if self._in_flight is None or self._in_flight.done():
+            self._in_flight = asyncio.ensure_future(self._write(view, urgent=False))
+
     async def progress(self, view: st.StatusView) -> None:
+        await self._settle()
         if self._clock() - self._last_write < self._interval:
             return  # the next poll after the interval carries fresher numbers anyway
         await self._write(view, urgent=False)
+
+    async def _settle(self) -> None:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return
+        try:
+            await in_flight
+        except KubeAPIError as exc:  # the next write carries the whole status again
+            log.warning("%s: an earlier status write failed: %s", self._ref, exc)
 
     async def event(self, kind: str, reason: str, message: str) -> None:
         await self._kube.post_event(self._ref, kind, reason, message)

@@ -135,7 +135,7 @@ class PullRunner:
     async def run(self) -> None:
         if self.record.terminal:
             return
-        await self._announce()
+        self._announce()
         try:
             await self._run()
         except PermanentError as exc:
@@ -144,11 +144,16 @@ class PullRunner:
         if self._abort.is_set():
             await self._warn_if_unconfirmed()
 
-    async def _announce(self) -> None:
-        """A new object's first status, before any QMP work: until an object has status,
-        kstatus (Flux, kpt) reads it as done, so that window must be as short as can be."""
+    def _announce(self) -> None:
+        """A new object's first status, at first sight: until an object has status, kstatus
+        (Flux, kpt) reads it as done, so that window must be as short as can be. Written while
+        the QMP work goes on (not before it): in a burst of creates, waiting for this write
+        delayed every job's start by the API's queue."""
         if not self.reporter.status:
-            await self._pending("Starting", "the agent is connecting to the VM's QEMU")
+            self.metrics.pending(self.state.ref, "Starting")
+            self.reporter.transition_soon(
+                views.pending("Starting", "the agent is connecting to the VM's QEMU")
+            )
 
     async def _run(self) -> None:
         """Until the pull has an outcome, or a deletion stopped it (returns), or it cannot
