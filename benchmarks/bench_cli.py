@@ -11,7 +11,7 @@ fresh QEMU (`qemu-system-x86_64 -M none`, libvirt-style `-blockdev` nodes, built
    chain, starting the job; then reading the outcome, printing, dismissing, exiting), split
    into the part before `created` and the part after `concluded` (event arrival times);
 4. `qemu-img convert -O qcow2` of the same chain, the I/O floor for reading it all once;
-5. the CPU the follow loop costs while a job runs: the engine's `wait_for_outcome` with the
+5. the CPU the follow loop costs while a job runs: the engine's `blockpull.pull.follow` with the
    CLI's poll interval and progress display, in-process, against a throttled job for
    `--follow-seconds`, as process CPU time over wall time (% of one core);
 
@@ -35,10 +35,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockpull import stream
+from blockpull import pull as protocol
 from blockpull.cli import POLL_INTERVAL
 from blockpull.cli_render import PlainProgress
+from blockpull.driver import Progress, StreamRequest
 from blockpull.qmp import QMPConnection
+from blockpull.qmp_driver import QMPDriver
 from blockpull.quantity import format_bytes, parse_bandwidth
 from qemulab import Chain, QemuVM, QemuWatcher, backing_chain_info, compare, copy_chain, make_big_chain
 from qemulab.tools import QEMU_IMG
@@ -125,13 +127,14 @@ async def follow_cpu(chain: Chain, workdir: Path, seconds: float, bandwidth: int
         async with QemuVM([copy]) as vm:
             conn = await QMPConnection.open(str(vm.qmp_socket))
             try:
-                request = stream.StreamRequest(disk=vm.disks[0].top, job_id="follow", bandwidth=bandwidth)
-                await stream.start_stream(conn, request)
+                driver = QMPDriver(conn)
+                request = StreamRequest(disk=vm.disks[0].top, job_id="follow", bandwidth=bandwidth)
+                await driver.start(request)
                 with open(os.devnull, "w") as sink:  # noqa: ASYNC230 - opening /dev/null cannot block
                     display = PlainProgress(sink, "follow")
                     reads = 0
 
-                    def on_progress(job: stream.Progress) -> None:
+                    def on_progress(job: Progress) -> None:
                         nonlocal reads
                         reads += 1
                         display.update(job)
@@ -139,8 +142,8 @@ async def follow_cpu(chain: Chain, workdir: Path, seconds: float, bandwidth: int
                     cpu0, wall0 = time.process_time(), time.monotonic()
                     try:
                         outcome = await asyncio.wait_for(
-                            stream.wait_for_outcome(
-                                conn, "follow", on_progress=on_progress, poll_interval=POLL_INTERVAL
+                            protocol.follow(
+                                driver, "follow", on_progress=on_progress, poll_interval=POLL_INTERVAL
                             ),
                             seconds,
                         )
@@ -151,9 +154,8 @@ async def follow_cpu(chain: Chain, workdir: Path, seconds: float, bandwidth: int
                             f"the throttled job ended too soon ({outcome}); lower --follow-bandwidth"
                         )
                     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-                await stream.cancel(conn, "follow")
-                await asyncio.wait_for(stream.wait_for_outcome(conn, "follow"), 10)
-                await stream.dismiss(conn, "follow")
+                await protocol.cancel_and_confirm(driver, "follow", timeout=10)
+                await driver.dismiss("follow")
             finally:
                 await conn.close()
         return cpu, wall, reads

@@ -6,10 +6,13 @@ chain, without ever sending a query that can crash QEMU.
 
 The trap: QEMU 7.2 dies (SIGSEGV, the VM with it) on `query-named-block-nodes` while a stream
 job is `concluded` and not yet dismissed. So we only send it when no job can be in or reach that
-state (every job paused, or none at all), under the connection's `graph_lock` which our own job
-starts and dismissals also take. Otherwise we rely on the always-safe `query-block` and
-`x-debug-query-block-graph` plus the node details remembered from the last safe read; a node we
-know nothing about then raises `InspectionUnsafe` (retry later) instead of risking the VM.
+state on its own: every job paused, or `pending` with `auto-finalize: false` (measured: listing
+nodes then is safe, the job's filter is still in the graph; only `job-finalize` or a cancel moves
+it on), or none at all. This runs under the connection's `graph_lock`, which our own job
+commands that can conclude a held job (start, resume, cancel, finalize, dismiss) also take.
+Otherwise we rely on the always-safe `query-block` and `x-debug-query-block-graph` plus the
+node details remembered from the last safe read; a node we know nothing about then raises
+`InspectionUnsafe` (retry later) instead of risking the VM.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ FILTER_DRIVERS = frozenset(
 )
 #: Job states from which QEMU cannot move to `concluded` on its own.
 _STILL_JOB_STATES = frozenset({"paused", "standby", "null"})
+#: ...and this one, for a block job started with `auto-finalize: false` (it waits for us).
+_HELD_STATE = "pending"
 
 
 @dataclass(frozen=True)
@@ -137,8 +142,11 @@ async def read_graph(conn: QMPConnection) -> BlockGraph:
     Callers hold `conn.graph_lock` so that our own job starts and dismissals cannot interleave.
     """
     # Pipelined: one round trip instead of three (QEMU still runs them in this order).
-    backends_raw, raw, jobs = await asyncio.gather(
-        conn.execute("query-block"), conn.execute("x-debug-query-block-graph"), conn.execute("query-jobs")
+    backends_raw, raw, jobs, block_jobs = await asyncio.gather(
+        conn.execute("query-block"),
+        conn.execute("x-debug-query-block-graph"),
+        conn.execute("query-jobs"),
+        conn.execute("query-block-jobs"),
     )
     backends = list(backends_raw)
     nodes = {int(n["id"]): _Node(int(n["id"]), str(n["name"]), str(n["type"])) for n in raw["nodes"]}
@@ -147,7 +155,7 @@ async def read_graph(conn: QMPConnection) -> BlockGraph:
     by_name = {n.name: n.node_id for n in nodes.values() if n.kind == "block-driver" and n.name}
 
     cache = conn.node_cache
-    complete = _nodes_query_is_safe(jobs)
+    complete = nodes_query_is_safe(jobs, block_jobs)
     if complete:
         fresh = await conn.execute("query-named-block-nodes", {"flat": True})
         cache.clear()
@@ -158,9 +166,16 @@ async def read_graph(conn: QMPConnection) -> BlockGraph:
     return BlockGraph(nodes, by_name, details, backends, complete)
 
 
-def _nodes_query_is_safe(jobs: Any) -> bool:
-    """True when no job exists that could reach `concluded` during the next command."""
-    return all(str(job["status"]) in _STILL_JOB_STATES for job in jobs)
+def nodes_query_is_safe(jobs: Iterable[Mapping[str, Any]], block_jobs: Iterable[Mapping[str, Any]]) -> bool:
+    """True when no job exists that could reach `concluded` during the next command.
+
+    `jobs` is `query-jobs`, `block_jobs` is `query-block-jobs` (only it says `auto-finalize`).
+    """
+    held = {str(job.get("device")) for job in block_jobs if job.get("auto-finalize") is False}
+    return all(
+        str(job["status"]) in _STILL_JOB_STATES or (job["status"] == _HELD_STATE and str(job["id"]) in held)
+        for job in jobs
+    )
 
 
 def _add_backend_details(
@@ -208,6 +223,28 @@ async def read_chain(conn: QMPConnection, disk: str) -> DiskChain:
     async with conn.graph_lock:
         graph = await read_graph(conn)
     return resolve_disk(graph, disk)
+
+
+async def job_device(conn: QMPConnection, job_id: str) -> str | None:
+    """The node a stream job writes into (its "active node" edge), while QEMU still links it.
+
+    Only `x-debug-query-block-graph`, which is safe in every job state. None once the job has
+    let go of its nodes (concluded) or when QEMU has no such job.
+    """
+    raw = await conn.execute("x-debug-query-block-graph")
+    names = {int(n["id"]): str(n["name"]) for n in raw["nodes"]}
+    job_ids = {int(n["id"]) for n in raw["nodes"] if n["type"] == "block-job" and n["name"] == job_id}
+    for edge in raw["edges"]:
+        if int(edge["parent"]) in job_ids and edge["name"] == "active node":
+            return names.get(int(edge["child"])) or None
+    return None
+
+
+async def jobs_holding(conn: QMPConnection, disk: str) -> list[str]:
+    """Ids of the block jobs that hold a node of `disk` (its chain, or filters above it)."""
+    async with conn.graph_lock:
+        graph = await read_graph(conn)
+    return _jobs_using(graph, _find_top(graph, disk))
 
 
 def resolve_disk(graph: BlockGraph, disk: str) -> DiskChain:

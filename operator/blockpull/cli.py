@@ -11,10 +11,12 @@ Imports are the engine's and the standard library's only; every command needs th
 (asyncio, qemu.qmp), so importing it lazily would not make a pull faster, only hide its cost
 (`benchmarks/bench_cli.py` measures it).
 
-Jobs are started with an explicit id and `auto-dismiss: false`, as the agent does, so their
-outcome survives us. Whoever reports an outcome dismisses the job right after printing it:
-`pull` and `wait` for the job they followed, `abort` for the job it cancelled. `jobs` and
-`chain` only read, so that listing never steals an outcome from the node agent.
+Jobs are started as the agent starts them (`blockpull.pull` holds the sequence both use): an
+explicit id, `auto-dismiss: false` so their outcome survives us, and `auto-finalize: false` so
+the backing link goes only after the copied data is flushed. `pull` and `wait` conclude the job
+they followed (flush, finalize, flush, print, dismiss); a `pull --no-wait` job waits at
+`pending`, its chain intact, until `wait` does that. `abort` dismisses the job it cancelled.
+`jobs` and `chain` only read, so that listing never steals an outcome from the node agent.
 """
 
 from __future__ import annotations
@@ -22,16 +24,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from blockpull import stream
-from blockpull.chain import read_chain
+from blockpull import pull as protocol
 from blockpull.cli_render import (
     ProgressDisplay,
     Report,
@@ -46,9 +48,11 @@ from blockpull.cli_render import (
     started_line,
     warning_line,
 )
+from blockpull.driver import ON_ERROR_CHOICES, BlockJobDriver, Outcome, Progress, Result, StreamRequest
 from blockpull.errors import (
     BlockPullError,
     Disconnected,
+    DiskBusy,
     InspectionUnsafe,
     InvalidSpec,
     JobFailed,
@@ -59,8 +63,8 @@ from blockpull.errors import (
     VMExited,
 )
 from blockpull.qmp import QMPConnection
+from blockpull.qmp_driver import QMPDriver
 from blockpull.quantity import parse_bandwidth
-from blockpull.stream import Outcome, Progress, Result
 
 # --- exit statuses --------------------------------------------------------------------------
 
@@ -89,10 +93,12 @@ POLL_INTERVAL = 0.5
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 EPILOG = f"""\
-Jobs are started with an explicit id and auto-dismiss off, so a job's outcome survives the
-command that started it: `pull --no-wait` prints the id, `jobs` lists running and concluded
-jobs with their outcome, and `wait` (from any later process) follows a job to its end, reports
-it and dismisses it. `jobs` and `chain` never change anything.
+Jobs are started with an explicit id, auto-dismiss and auto-finalize off, so a job's outcome
+survives the command that started it and the disk loses nothing if QEMU dies before the
+outcome is collected: `pull --no-wait` prints the id; the job copies, then waits at `pending`
+(copy done, backing chain unchanged); `wait` (from any later process) flushes the disk, lets
+QEMU change the chain, flushes again, reports the outcome and dismisses the job. `jobs` lists
+running, pending and concluded jobs. `jobs` and `chain` never change anything.
 
 Progress goes to stderr: a bar redrawn in place on a terminal, otherwise one line per change
 (at most one a second). Results go to stdout; with --output json stdout holds exactly one JSON
@@ -237,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pull.add_argument(
         "--on-error",
-        choices=stream.ON_ERROR_CHOICES,
+        choices=ON_ERROR_CHOICES,
         default="report",
         help="what QEMU does on an I/O error (default: report)",
     )
@@ -246,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument(
         "--no-wait",
         action="store_true",
-        help="print the job id and exit at once; follow it later with `blockpull wait`",
+        help="print the job id and exit at once; the job waits, chain intact, once its copy is "
+        "done until `blockpull wait` finalizes, reports and dismisses it",
     )
 
     wait = command(
@@ -472,15 +479,15 @@ class StopSignals:
 
 @dataclass(frozen=True)
 class Followed:
-    """How following a job ended: its outcome (None if QEMU never confirmed our cancel)."""
+    """How following a job ended: the job once it had ended (None if a cancel went unconfirmed)."""
 
-    outcome: Outcome | None
+    job: Progress | None
     #: `timeout` or a signal's name when we asked QEMU to cancel the job.
     stopped_by: str | None
 
 
 async def see_through(
-    conn: QMPConnection,
+    driver: BlockJobDriver,
     job_id: str,
     display: ProgressDisplay,
     *,
@@ -488,11 +495,10 @@ async def see_through(
     stops: StopSignals,
     confirm_timeout: float,
 ) -> Followed:
-    """Follow a job to its outcome; on a stop signal or the deadline, cancel it cleanly.
+    """Follow a job until it has ended; on a stop signal or the deadline, cancel it cleanly.
 
-    The outcome comes from the engine's event-driven `wait_for_outcome`. A cancel waits at most
-    `confirm_timeout` for QEMU to confirm (`BLOCK_JOB_CANCELLED`, or COMPLETED if the cancel
-    lost the race). Nothing is dismissed here. Raises `VMExited` when QEMU goes away.
+    A cancel waits at most `confirm_timeout` for QEMU to confirm. Nothing is finalized or
+    dismissed here (`blockpull.pull.conclude` does that). Raises `VMExited` when QEMU goes away.
     """
     loop = asyncio.get_running_loop()
     last_seen: Progress | None = None
@@ -505,37 +511,38 @@ async def see_through(
     try:
         if not stops.requested:
             timeout = None if deadline is None else max(0.0, deadline - loop.time())
-            outcome = await _first_of(
-                stream.wait_for_outcome(conn, job_id, on_progress=on_progress, poll_interval=POLL_INTERVAL),
+            ended = await _first_of(
+                protocol.follow(driver, job_id, on_progress=on_progress, poll_interval=POLL_INTERVAL),
                 stops,
                 timeout,
             )
-            if outcome is not None:
-                return Followed(outcome, None)
+            if ended is not None:
+                return Followed(ended, None)
         stopped_by = stops.first.name if stops.first is not None else "timeout"
         display.finish()
         sys.stderr.write(f"blockpull: {stopped_by}: cancelling job {job_id}...\n")
         stops.rearm()
-        await stream.cancel(conn, job_id)
-        outcome = await _first_of(
-            stream.wait_for_outcome(conn, job_id, poll_interval=POLL_INTERVAL), stops, confirm_timeout
+        cancelled = await _first_of(
+            protocol.cancel_and_confirm(driver, job_id, timeout=confirm_timeout, poll_interval=POLL_INTERVAL),
+            stops,
+            None,
         )
-        return Followed(outcome, stopped_by)
+        return Followed(cancelled, stopped_by)
     except Disconnected as exc:
         where = f" at {last_seen.percent:.2f}%" if last_seen is not None else ""
         raise VMExited(
-            f"QEMU exited during the pull (job {job_id}{where}); the disk keeps its backing "
-            "chain, but copying not yet flushed by QEMU may be lost"
+            f"QEMU exited during the pull (job {job_id}{where}); the disk keeps its backing chain "
+            "and loses nothing: the chain changes only after the copied data is flushed"
         ) from exc
 
 
 async def _first_of(
-    waiting: Coroutine[Any, Any, Outcome],
+    waiting: Coroutine[Any, Any, Progress | None],
     stops: StopSignals,
     timeout: float | None,
-) -> Outcome | None:
-    """The outcome, or None when a stop signal or the timeout came first (the wait is dropped)."""
-    waiter: asyncio.Task[Outcome] = asyncio.ensure_future(waiting)
+) -> Progress | None:
+    """The result, or None when a stop signal or the timeout came first (the wait is dropped)."""
+    waiter: asyncio.Task[Progress | None] = asyncio.ensure_future(waiting)
     stopper = asyncio.ensure_future(stops.wait())
     try:
         await asyncio.wait({waiter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -582,18 +589,6 @@ def _emit(settings: Settings, report: Report) -> int:
     return status
 
 
-async def _dismiss_after_report(conn: QMPConnection, job_id: str, socket: str) -> None:
-    """Forget a job whose outcome was just printed; a failure here is only a warning."""
-    try:
-        await stream.dismiss(conn, job_id)
-    except BlockPullError as exc:
-        warning_line(
-            sys.stderr,
-            f"could not dismiss job {job_id}: {exc.message}; "
-            f"`blockpull wait {socket} {job_id}` reports and dismisses it",
-        )
-
-
 def _unconfirmed(job_id: str, socket: str, stopped_by: str, timeout: float) -> int:
     error_line(
         sys.stderr,
@@ -616,17 +611,63 @@ def _explained_inspection(disk: str, socket: str) -> Iterator[None]:
         ) from exc
 
 
-async def _open(settings: Settings, socket: str) -> QMPConnection:
-    return await QMPConnection.open(
+@contextlib.asynccontextmanager
+async def _driver(settings: Settings, socket: str) -> AsyncIterator[QMPDriver]:
+    conn = await QMPConnection.open(
         socket,
         connect_timeout=settings.connect_timeout,
         command_timeout=settings.command_timeout,
         client_name="blockpull-cli",
     )
+    try:
+        yield QMPDriver(conn)
+    finally:
+        await conn.close()
 
 
 def _display(label: str, quiet: bool) -> ProgressDisplay:
     return progress_display(sys.stderr, label, quiet=quiet)
+
+
+async def _start(driver: QMPDriver, request: StreamRequest, socket: str) -> Any:
+    try:
+        with _explained_inspection(request.disk, socket):
+            return await driver.start(request)
+    except DiskBusy as exc:
+        try:
+            jobs = await driver.blocking_jobs(request.disk)
+        except BlockPullError:
+            raise exc from None
+        if not jobs:
+            raise
+        raise DiskBusy(protocol.busy_message(request.disk, jobs, driver.collect_command)) from exc
+
+
+async def _conclude_and_report(
+    settings: Settings, driver: QMPDriver, ended: Progress, device: str | None, report: Report
+) -> int:
+    """Finish an ended job durably, print its outcome, then dismiss it (blockpull.pull)."""
+    printed: list[int] = []
+
+    async def record(outcome: Outcome) -> None:
+        final = dataclasses.replace(
+            report,
+            outcome=outcome,
+            released_images=report.released_images if outcome.ok else (),
+        )
+        printed.append(_emit(settings, final))
+
+    try:
+        await protocol.conclude(driver, ended.job_id, device, record=record)
+    except BlockPullError as exc:
+        if not printed:
+            raise
+        warning_line(
+            sys.stderr,
+            f"could not dismiss job {ended.job_id}: {exc.message}; "
+            f"`blockpull wait {driver.conn.socket_path} {ended.job_id}` reports and dismisses it",
+        )
+    return printed[0]
 
 
 # --- the commands -----------------------------------------------------------------------------
@@ -645,15 +686,14 @@ async def run_pull(
     quiet: bool,
     no_wait: bool,
 ) -> int:
-    """`blockpull pull`: start a stream and, unless `no_wait`, see it through and dismiss it."""
-    request = stream.StreamRequest(
+    """`blockpull pull`: start a stream and, unless `no_wait`, see it through durably."""
+    request = StreamRequest(
         disk=disk, job_id=job_id, base=base, bandwidth=bandwidth, on_error=on_error
     )  # InvalidSpec before anything is sent to QEMU
     loop = asyncio.get_running_loop()
-    async with await _open(settings, socket) as conn, StopSignals() as stops:
+    async with _driver(settings, socket) as driver, StopSignals() as stops:
         started_at = loop.time()
-        with _explained_inspection(disk, socket):
-            started = await stream.start_stream(conn, request)
+        started = await _start(driver, request, socket)
         if no_wait and not stops.requested:
             if settings.json:
                 dump_json(
@@ -662,23 +702,23 @@ async def run_pull(
                         "job_id": started.job_id,
                         "status": "started",
                         "disk": disk,
-                        "device": started.chain.device if started.chain else None,
+                        "device": started.device,
                         "base": base,
                         "base_node": started.base_node,
                         "will_release_images": list(started.released_images),
+                        "collect_with": f"blockpull wait {socket} {started.job_id}",
                     },
                 )
             else:
                 sys.stdout.write(started.job_id + "\n")
             return EXIT_OK
-        device = started.chain.device if started.chain else disk
         if not quiet:
-            sys.stderr.write(f"blockpull: {started_line(job_id, device, started.base_node)}\n")
+            sys.stderr.write(f"blockpull: {started_line(job_id, started.device, started.base_node)}\n")
         display = _display(job_id, quiet)
         deadline = None if timeout is None else started_at + timeout
         try:
             followed = await see_through(
-                conn,
+                driver,
                 job_id,
                 display,
                 deadline=deadline,
@@ -687,55 +727,52 @@ async def run_pull(
             )
         except JobNotFound:
             display.finish()
-            followed = await _judge_vanished(conn, job_id, disk, base)
-        display.finish(followed.outcome)
-        if followed.outcome is None:
+            return await _report_vanished(settings, driver, job_id, disk, base)
+        if followed.job is None:
+            display.finish()
             assert followed.stopped_by is not None
             return _unconfirmed(job_id, socket, followed.stopped_by, settings.command_timeout)
+        display.finish(protocol.outcome_of(followed.job) or _pending_outcome(followed.job))
         report = Report(
-            outcome=followed.outcome,
+            outcome=_pending_outcome(followed.job),
             elapsed=loop.time() - started_at,
             disk=disk,
-            device=device,
+            device=started.device,
             base=base,
             base_node=started.base_node,
-            released_images=started.released_images if followed.outcome.ok else (),
+            released_images=started.released_images,
             stopped_by=followed.stopped_by,
         )
-        if followed.outcome.ok and started.chain:
-            await _flush_after_completion(conn, started.chain.device)
-        status = _emit(settings, report)
-        await _dismiss_after_report(conn, job_id, socket)
-        return status
+        return await _conclude_and_report(settings, driver, followed.job, started.device, report)
 
 
-async def _flush_after_completion(conn: QMPConnection, node: str) -> None:
-    """Make the pulled data durable before saying so (QEMU 7.2 may still cache its metadata)."""
-    try:
-        await stream.flush_disk(conn, node)
-    except BlockPullError as exc:
-        warning_line(sys.stderr, f"could not flush {node} after the pull: {exc.message}")
+def _pending_outcome(job: Progress) -> Outcome:
+    """A job held at `pending` has copied everything: what its outcome will be once finalized."""
+    return protocol.outcome_of(job) or Outcome(job.job_id, Result.COMPLETED, job.offset, job.length)
 
 
-async def _judge_vanished(conn: QMPConnection, job_id: str, disk: str, base: str | None) -> Followed:
+async def _report_vanished(
+    settings: Settings, driver: QMPDriver, job_id: str, disk: str, base: str | None
+) -> int:
     """Our job disappeared (another client dismissed it): decide from the chain what it did."""
-    result = await stream.judge_from_chain(conn, disk, base)
-    if result is not stream.Result.COMPLETED:
+    if not await driver.pulled(disk, base):
         raise JobNotFound(
             f"job {job_id} disappeared (dismissed by another QMP client?) and disk {disk!r} "
             "still needs its backing images: the pull did not complete"
         )
-    return Followed(stream.Outcome(job_id, stream.Result.COMPLETED, 0, 0), None)
+    return _emit(settings, Report(outcome=Outcome(job_id, Result.COMPLETED, 0, 0), disk=disk, base=base))
 
 
 async def run_wait(
     settings: Settings, socket: str, job_id: str, *, timeout: float | None, quiet: bool
 ) -> int:
-    """`blockpull wait`: re-attach to a job by id, see it through, report it, dismiss it."""
+    """`blockpull wait`: re-attach to a job by id, see it through durably, report, dismiss."""
     loop = asyncio.get_running_loop()
-    async with await _open(settings, socket) as conn, StopSignals() as stops:
+    async with _driver(settings, socket) as driver, StopSignals() as stops:
         attached_at = loop.time()
-        job = await stream.progress(conn, job_id)  # JobNotFound if QEMU has no such job
+        job = await driver.find_job(job_id)
+        if job is None:
+            raise JobNotFound(f"QEMU has no block job {job_id!r}")
         if job.job_type not in ("stream", ""):
             raise InvalidSpec(
                 f"job {job_id} is a {job.job_type} job; `blockpull wait` follows stream jobs "
@@ -744,72 +781,66 @@ async def run_wait(
         display = _display(job_id, quiet)
         deadline = None if timeout is None else attached_at + timeout
         followed = await see_through(
-            conn,
-            job_id,
-            display,
-            deadline=deadline,
-            stops=stops,
-            confirm_timeout=settings.command_timeout,
+            driver, job_id, display, deadline=deadline, stops=stops, confirm_timeout=settings.command_timeout
         )
-        display.finish(followed.outcome)
-        if followed.outcome is None:
+        if followed.job is None:
+            display.finish()
             assert followed.stopped_by is not None
             return _unconfirmed(job_id, socket, followed.stopped_by, settings.command_timeout)
+        display.finish(_pending_outcome(followed.job))
         report = Report(
-            outcome=followed.outcome,
-            elapsed=None if job.concluded else loop.time() - attached_at,
+            outcome=_pending_outcome(followed.job),
+            elapsed=None if job.ended else loop.time() - attached_at,
             stopped_by=followed.stopped_by,
-            already_concluded=job.concluded,
+            already_concluded=job.ended,
         )
-        status = _emit(settings, report)
-        await _dismiss_after_report(conn, job_id, socket)
-        return status
+        return await _conclude_and_report(settings, driver, followed.job, None, report)
 
 
 async def run_abort(settings: Settings, socket: str, job_id: str) -> int:
     """`blockpull abort`: cancel, wait (bounded) for QEMU's word, report, dismiss."""
-    async with await _open(settings, socket) as conn:
-        job = await stream.progress(conn, job_id)
-        if not job.concluded:
-            await stream.cancel(conn, job_id)
-        try:
-            outcome = await asyncio.wait_for(
-                stream.wait_for_outcome(conn, job_id, poll_interval=POLL_INTERVAL),
-                settings.command_timeout,
+    async with _driver(settings, socket) as driver:
+        job = await driver.find_job(job_id)
+        if job is None:
+            raise JobNotFound(f"QEMU has no block job {job_id!r}")
+        ended = (
+            job
+            if job.concluded
+            else await protocol.cancel_and_confirm(
+                driver, job_id, timeout=settings.command_timeout, poll_interval=POLL_INTERVAL
             )
-        except TimeoutError:
+        )
+        if ended is None:
             raise QMPTimeout(
                 f"asked QEMU to cancel job {job_id} but it did not confirm within "
                 f"{settings.command_timeout:g}s; it may still be running"
-            ) from None
+            )
         report = Report(
-            outcome=outcome,
+            outcome=_pending_outcome(ended),
             stopped_by=None if job.concluded else "abort",
             already_concluded=job.concluded,
         )
-        status = _emit(settings, report)
-        await _dismiss_after_report(conn, job_id, socket)
-        return status
+        return await _conclude_and_report(settings, driver, ended, None, report)
 
 
 async def run_jobs(settings: Settings, socket: str) -> int:
     """`blockpull jobs`: list every job QEMU has, concluded ones with their outcome."""
-    async with await _open(settings, socket) as conn:
-        jobs = await stream.list_jobs(conn)
+    async with _driver(settings, socket) as driver:
+        jobs = await driver.list_jobs()
     if settings.json:
         dump_json(sys.stdout, {"jobs": [job_json(job) for job in jobs]})
     else:
-        sys.stdout.write(jobs_table(jobs) + "\n")
+        sys.stdout.write(jobs_table(jobs, socket) + "\n")
     return EXIT_OK
 
 
 async def run_chain(settings: Settings, socket: str, disk: str) -> int:
     """`blockpull chain`: the disk's backing chain as QEMU has it open, active image first."""
-    async with await _open(settings, socket) as conn:
+    async with _driver(settings, socket) as driver:
         with _explained_inspection(disk, socket):
-            chain = await read_chain(conn, disk)
+            chain = await driver.chain(disk)
     if settings.json:
-        dump_json(sys.stdout, chain_json(chain))
+        dump_json(sys.stdout, chain_json(disk, chain))
     else:
         sys.stdout.write(chain_table(chain) + "\n")
     return EXIT_OK

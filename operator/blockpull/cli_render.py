@@ -4,7 +4,7 @@ Owns every byte the CLI writes, apart from argparse's own usage messages: the pr
 redrawn in place on a terminal, the rate-limited plain progress lines for logs and pipes, the
 final outcome line, the `jobs` and `chain` tables, and the JSON documents of `--output json`.
 It knows nothing about QMP; it renders the engine's plain data (`Progress`, `Outcome`,
-`DiskChain`) and the CLI's own `Report`.
+`ChainImage`) and the CLI's own `Report`.
 
 Progress goes to stderr (as `virsh blockpull --verbose` does), results to stdout, so that
 `blockpull pull ... > result.json` captures only the result.
@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
 
-from blockpull.chain import DiskChain
-from blockpull.quantity import format_bytes
-from blockpull.stream import Outcome, Progress, outcome_of
+from blockpull.driver import ChainImage, Outcome, Progress
+from blockpull.pull import outcome_of
+from blockpull.quantity import format_bytes, progress_text
 
 #: Plain progress lines: at most one per this many seconds (plus the final one).
 PLAIN_LINE_INTERVAL = 1.0
@@ -135,7 +135,7 @@ class ProgressBar:
         ETA (or why the job is not running, or how it ended) always stay.
         """
         # Fixed-width fields, so that the bar does not jitter as the numbers change.
-        pct = f" {job.percent:5.1f}%"
+        pct = f" {progress_text(job.offset, job.length):>7}"
         amounts = f"  {format_bytes(job.offset):>10} / {format_bytes(job.length)}"
         rate = f"  {format_rate(self._meter.rate()):>12}"
         note = final or _state_note(job)
@@ -199,7 +199,7 @@ class PlainProgress:
     def line(self, job: Progress) -> str:
         note = _state_note(job)
         text = (
-            f"{self._label}: {job.percent:6.2f}% ({job.offset}/{job.length} bytes, "
+            f"{self._label}: {progress_text(job.offset, job.length):>7} ({job.offset}/{job.length} bytes, "
             f"{format_bytes(job.offset)} of {format_bytes(job.length)}) "
             f"rate {format_rate(self._meter.rate())} "
             f"eta {format_duration(self._meter.eta(job.length - job.offset))}"
@@ -281,7 +281,7 @@ class Report:
             "error": outcome.error,
             "offset": outcome.offset,
             "length": outcome.length,
-            "progress": f"{_percent(outcome.offset, outcome.length):.2f}%",
+            "progress": progress_text(outcome.offset, outcome.length),
             "elapsed_seconds": None if self.elapsed is None else round(self.elapsed, 3),
             "disk": self.disk,
             "device": self.device,
@@ -293,15 +293,11 @@ class Report:
         }
 
 
-def _percent(offset: int, length: int) -> float:
-    return 100.0 * offset / length if length else 100.0
-
-
 def outcome_line(report: Report) -> str:
     """The one-line story of how the job ended, for stdout (text output)."""
     outcome = report.outcome
     job = outcome.job_id
-    where = f"{_percent(outcome.offset, outcome.length):.2f}% ({outcome.offset}/{outcome.length} bytes)"
+    where = f"{progress_text(outcome.offset, outcome.length)} ({outcome.offset}/{outcome.length} bytes)"
     took = f" in {report.elapsed:.1f}s" if report.elapsed is not None else ""
     already = " (it had ended before we looked)" if report.already_concluded else ""
     result = outcome.result.value
@@ -343,7 +339,7 @@ def job_json(job: Progress) -> dict[str, Any]:
         "type": job.job_type,
         "status": job.status,
         "result": outcome.result.value if outcome else None,
-        "progress": f"{job.percent:.2f}%",
+        "progress": progress_text(job.offset, job.length),
         "offset": job.offset,
         "length": job.length,
         "speed": job.speed,
@@ -353,9 +349,15 @@ def job_json(job: Progress) -> dict[str, Any]:
     }
 
 
-def jobs_table(jobs: Sequence[Progress]) -> str:
+def jobs_table(jobs: Sequence[Progress], socket: str = "SOCKET") -> str:
     if not jobs:
         return "no block jobs"
+    notes = [
+        f"{job.job_id}: copy done, the backing chain unchanged until `blockpull wait {socket} {job.job_id}` "
+        "finalizes, reports and dismisses it"
+        for job in jobs
+        if job.pending
+    ]
     rows = [["JOB", "TYPE", "STATUS", "RESULT", "PROGRESS", "OFFSET/LEN", "SPEED", "PAUSED", "IO", "ERROR"]]
     for job in jobs:
         doc = job_json(job)
@@ -373,33 +375,33 @@ def jobs_table(jobs: Sequence[Progress]) -> str:
                 job.error or "-",
             ]
         )
-    return _table(rows)
+    return "\n".join([_table(rows), *notes])
 
 
-def chain_json(chain: DiskChain) -> dict[str, Any]:
+def chain_json(disk: str, chain: Sequence[ChainImage]) -> dict[str, Any]:
     return {
-        "disk": chain.requested,
-        "device": chain.device,
+        "disk": disk,
+        "device": chain[0].node if chain else None,
         "images": [
             {
-                "node_name": image.node_name,
+                "node_name": image.node,
                 "filename": image.filename,
                 "format": image.driver,
                 "backing_name": image.backing_name,
                 "virtual_size": image.virtual_size,
             }
-            for image in chain.images
+            for image in chain
         ],
     }
 
 
-def chain_table(chain: DiskChain) -> str:
+def chain_table(chain: Sequence[ChainImage]) -> str:
     rows = [["#", "NODE", "FORMAT", "SIZE", "FILE", "BACKING (as recorded)"]]
-    for index, image in enumerate(chain.images):
+    for index, image in enumerate(chain):
         rows.append(
             [
                 str(index),
-                image.node_name,
+                image.node,
                 image.driver,
                 format_bytes(image.virtual_size),
                 image.filename,

@@ -26,6 +26,9 @@ from typing import Protocol
 from blockpull.errors import InvalidSpec
 
 ON_ERROR_CHOICES = ("report", "stop", "enospc", "ignore")
+#: `Progress.error` of a job that ended because it was cancelled: QEMU's own text
+#: (strerror(ECANCELED)); other drivers use it too, so one rule reads every outcome.
+CANCELLED_ERROR = "Operation canceled"
 #: QEMU's rule for job ids. A driver whose jobs have no id of their own (libvirt) ignores
 #: `StreamRequest.job_id` and names the job itself (`StartedJob.job_id`).
 _JOB_ID = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
@@ -168,6 +171,10 @@ class BlockJobDriver(Protocol):
         """The jobs that hold `disk` (for a DiskBusy that names them)."""
         ...
 
+    def collect_command(self, job: Progress) -> str:
+        """The one command a node admin runs to collect an ended job nobody collected."""
+        ...
+
     async def chain(self, disk: str) -> tuple[ChainImage, ...]:
         """The disk's backing chain now, active image first."""
         ...
@@ -184,15 +191,17 @@ class BlockJobDriver(Protocol):
         """Ask for a cancel; the job then concludes cancelled (the chain stays intact)."""
         ...
 
-    async def finalize(self, job_id: str, device: str) -> None:
+    async def finalize(self, job_id: str, device: str | None) -> None:
         """Durably apply a `pending` job's chain change: flush, finalize, flush.
 
+        `device` is what the job streams into (`StartedJob.device`); None: ask the job itself.
         Returns once the job is concluded and the changed image is on stable storage.
         """
         ...
 
-    async def make_durable(self, device: str) -> None:
-        """Flush the disk's image (a job that concluded without passing `pending` with us)."""
+    async def make_durable(self, device: str | None) -> None:
+        """Flush the disk's image (a job that concluded without passing `pending` with us);
+        nothing when the device is not known."""
         ...
 
     async def dismiss(self, job_id: str) -> None:

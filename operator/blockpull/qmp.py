@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -174,14 +175,11 @@ class QMPConnection:
                 f"QEMU did not greet on {self.socket_path} within {timeout:g}s "
                 "(is another client holding this monitor?)"
             ) from exc
-        except ConnectError as exc:
+        except (ConnectError, OSError, EOFError) as exc:
             await _quietly_disconnect(client)
             raise QEMUUnavailable(
-                f"cannot connect to QMP socket {self.socket_path}: {_root_cause(exc)}"
+                f"cannot connect to QMP socket {self.socket_path}: {_connect_failure(exc)}"
             ) from exc
-        except (OSError, EOFError) as exc:
-            await _quietly_disconnect(client)
-            raise QEMUUnavailable(f"cannot connect to QMP socket {self.socket_path}: {exc!r}") from exc
         self._client = client
         self._watchdog = asyncio.create_task(self._watch_runstate(client))
 
@@ -304,8 +302,16 @@ async def _quietly_disconnect(client: QMPClient) -> None:
         await asyncio.wait_for(client.disconnect(), 5.0)
 
 
-def _root_cause(exc: ConnectError) -> str:
-    cause = exc.exc
+def _connect_failure(exc: BaseException) -> str:
+    """What went wrong while connecting, in words (qemu.qmp wraps the cause in ConnectError)."""
+    cause = exc.exc if isinstance(exc, ConnectError) else exc
+    if isinstance(cause, EOFError) or (isinstance(cause, OSError) and cause.errno == errno.EINVAL):
+        # Measured: a -qmp monitor serving another client accepts, then drops or confuses the
+        # queued ones (EOF, or "Invalid argument" from the half-closed socket).
+        return (
+            "the monitor closed the connection before greeting (it is busy with another client, "
+            "or this is not a QMP socket)"
+        )
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
     return str(cause) or type(cause).__name__

@@ -58,3 +58,13 @@ def format_bytes(amount: float) -> str:
             return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
         amount /= 1024
     raise AssertionError("unreachable")
+
+
+def progress_text(offset: int, length: int) -> str:
+    """offset/length as a percentage with two decimals (CDI's DataVolume style), one rule for
+    the status, the CLI and the plugin: truncated, never rounded up, so 99.999% never reads as
+    100.00% before the job says done."""
+    if length <= 0:
+        return "100.00%"
+    hundredths = offset * 10000 // length
+    return f"{hundredths // 100}.{hundredths % 100:02d}%"

@@ -1,21 +1,21 @@
-"""Driving one QEMU `block-stream` job: start, follow, steer, finish.
+"""QEMU's block-stream job over QMP: the commands, with BlockPull's rules kept.
 
-Owns: the rules BlockPull keeps with QEMU for a pull: an explicit job id and `auto-dismiss:
-false` (so an outcome survives our absence), one job per disk, the job's progress and outcome,
-live bandwidth/pause/cancel, re-attaching to a job by id, and deciding from the chain itself
-what happened to a job QEMU no longer knows. The CLI and the agent are thin layers over this.
+Owns: how a pull is asked of QEMU and how QEMU's job is read and steered: an explicit job id,
+`auto-dismiss: false` (the outcome survives our absence) and `auto-finalize: false` (the chain
+changes only when we say so, after the copied data is flushed: see `finalize`), one job per
+disk, live bandwidth/pause/cancel, and deciding from the chain itself whether a job QEMU no
+longer knows had pulled the disk. `blockpull.qmp_driver` puts these behind the driver
+interface; the protocol sequences that use them live once in `blockpull.pull`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from blockpull.chain import DiskChain, read_chain
+from blockpull.driver import ChainImage, Progress, StartedJob, StreamRequest
 from blockpull.errors import (
     BaseNotInChain,
     CommandFailed,
@@ -23,103 +23,36 @@ from blockpull.errors import (
     DiskNotFound,
     InvalidSpec,
     JobNotFound,
+    QMPTimeout,
 )
-from blockpull.qmp import QMPConnection, Subscription
+from blockpull.qmp import QMPConnection
 
-ON_ERROR_CHOICES = ("report", "stop", "enospc", "ignore")
-#: QEMU's text for a job that ended because it was cancelled (strerror(ECANCELED)).
-_CANCELLED_TEXT = "Operation canceled"
-_JOB_ID = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
-_JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
-#: How often a waiter re-reads the job when no event arrives: a safety net, not the mechanism
-#: (completion is seen from QEMU's events). Also the progress refresh cadence.
-DEFAULT_POLL_INTERVAL = 1.0
+_NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
+#: Events that concern a job's life; a subscriber re-reads the job when one arrives.
+JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
+#: How long `job-finalize` may take to conclude the job (it is a header write and a flush).
+FINALIZE_TIMEOUT = 30.0
 
 
-class Result(enum.StrEnum):
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A job as QEMU reports it right now (`query-block-jobs` + `query-jobs`)."""
-
-    job_id: str
-    status: str  # QEMU job status: created, running, paused, ready, waiting, pending, concluded...
-    offset: int
-    length: int
-    speed: int
-    paused: bool
-    io_status: str
-    error: str | None
-    #: QEMU's job type (`stream`, `mirror`, `commit`, `backup`...); `query-jobs` lists them all.
-    job_type: str = ""
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.offset / self.length if self.length else 100.0
-
-    @property
-    def concluded(self) -> bool:
-        return self.status in ("concluded", "null")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a job ended. `error` is QEMU's own text when it failed."""
-
-    job_id: str
-    result: Result
-    offset: int
-    length: int
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.result is Result.COMPLETED
-
-
-@dataclass(frozen=True)
-class StreamRequest:
-    """What to pull: validated before anything is sent to QEMU."""
-
-    disk: str
-    job_id: str
-    base: str | None = None
-    bandwidth: int = 0
-    on_error: str = "report"
-
-    def __post_init__(self) -> None:
-        if not _JOB_ID.match(self.job_id):
-            raise InvalidSpec(
-                f"job id {self.job_id!r} must start with a letter and hold only letters, "
-                "digits, '-', '.', '_' (at most 128 characters)"
-            )
-        if self.bandwidth < 0:
-            raise InvalidSpec(f"bandwidth must not be negative, got {self.bandwidth}")
-        if self.on_error not in ON_ERROR_CHOICES:
-            raise InvalidSpec(f"onError must be one of {', '.join(ON_ERROR_CHOICES)}, got {self.on_error!r}")
-        if not self.disk:
-            raise InvalidSpec("disk must not be empty")
-
-
-@dataclass(frozen=True)
-class StartedJob:
-    """A stream job we started or re-attached to, with what it resolved to."""
-
-    job_id: str
-    chain: DiskChain | None  # None when re-attached without resolving the disk
-    base_node: str | None
-    released_images: tuple[str, ...]
+def chain_images(chain: DiskChain) -> tuple[ChainImage, ...]:
+    return tuple(
+        ChainImage(
+            node=image.node_name,
+            filename=image.filename,
+            driver=image.driver,
+            backing_name=image.backing_name,
+            virtual_size=image.virtual_size,
+        )
+        for image in chain.images
+    )
 
 
 async def start_stream(conn: QMPConnection, request: StreamRequest) -> StartedJob:
     """Resolve the disk and base, refuse a busy disk, and start the job.
 
     Raises DiskNotFound / BaseNotInChain / DiskBusy / InvalidSpec with a clear message; nothing
-    is started unless everything checks out.
+    is started unless everything checks out. The job stops at `pending` when its copy is done:
+    `finalize` then changes the chain durably.
     """
     chain = await read_chain(conn, request.disk)
     base_index = chain.find_base(request.base) if request.base is not None else None
@@ -130,6 +63,11 @@ async def start_stream(conn: QMPConnection, request: StreamRequest) -> StartedJo
         "on-error": request.on_error,
         # The outcome must outlive us: QEMU keeps a concluded job until we dismiss it.
         "auto-dismiss": False,
+        # The backing link goes only after the copied data is on disk: QEMU 7.2 rewrites the
+        # header at finalize while the copied clusters' metadata may still be in its cache, and
+        # a QEMU killed then reads zeros where the template's data was. Held at `pending`, the
+        # chain is unchanged and a QEMU that dies loses nothing.
+        "auto-finalize": False,
     }
     if base_index is not None:
         arguments["base-node"] = chain.images[base_index].node_name
@@ -143,8 +81,9 @@ async def start_stream(conn: QMPConnection, request: StreamRequest) -> StartedJo
             raise _classify_start_error(exc, request) from exc
     return StartedJob(
         job_id=request.job_id,
-        chain=chain,
+        device=chain.device,
         base_node=chain.images[base_index].node_name if base_index is not None else None,
+        chain=chain_images(chain),
         released_images=tuple(chain.released_by(base_index)),
     )
 
@@ -201,20 +140,6 @@ async def progress(conn: QMPConnection, job_id: str) -> Progress:
     return job
 
 
-def outcome_of(job: Progress) -> Outcome | None:
-    """The outcome of a concluded job, from QEMU's own record of it."""
-    if not job.concluded:
-        return None
-    if job.error is None:
-        result = Result.COMPLETED
-    elif job.error == _CANCELLED_TEXT:
-        result = Result.CANCELLED
-    else:
-        result = Result.FAILED
-    error = job.error if result is Result.FAILED else None
-    return Outcome(job.job_id, result, job.offset, job.length, error)
-
-
 # --- steering -----------------------------------------------------------------------------
 
 
@@ -237,16 +162,45 @@ async def resume(conn: QMPConnection, job_id: str) -> None:
     # is paused with io-status failed/nospace, and resume is its retry.
     if not job.paused:
         return
-    await _job_command(conn, "job-resume", {"id": job_id}, job_id)
+    async with conn.graph_lock:  # a paused job may conclude once resumed (see blockpull.chain)
+        await _job_command(conn, "job-resume", {"id": job_id}, job_id)
 
 
 async def cancel(conn: QMPConnection, job_id: str) -> None:
-    """Ask QEMU to cancel; the job then ends CANCELLED (or COMPLETED if it won the race)."""
+    """Ask QEMU to cancel; the job then ends CANCELLED (the chain stays as it was).
+
+    A job held at `pending` is cancelled too: its copy is done but the chain never changed.
+    """
     job = await find_job(conn, job_id)
     if job is None or job.concluded or job.status == "aborting":
         return
     # `block-job-cancel` refuses a paused job; `job-cancel` cancels either.
-    await _job_command(conn, "job-cancel", {"id": job_id}, job_id)
+    async with conn.graph_lock:  # a held (pending/paused) job concludes on cancel
+        await _job_command(conn, "job-cancel", {"id": job_id}, job_id)
+
+
+async def finalize(conn: QMPConnection, job_id: str, node_name: str) -> Progress:
+    """Change the chain of a job held at `pending`, durably: flush, finalize, flush.
+
+    The first flush puts the copied clusters' metadata on disk while the header still names
+    the backing file (a crash now loses nothing); `job-finalize` rewrites the header; the
+    second flush makes that rewrite durable. Returns the concluded job.
+    """
+    await flush_disk(conn, node_name)
+    async with conn.graph_lock:
+        job = await progress(conn, job_id)
+        if job.pending:
+            await _job_command(conn, "job-finalize", {"id": job_id}, job_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FINALIZE_TIMEOUT
+    while not job.concluded:
+        if loop.time() > deadline:
+            raise QMPTimeout(f"job {job_id!r} did not conclude within {FINALIZE_TIMEOUT:g}s of job-finalize")
+        await asyncio.sleep(0.01)
+        job = await progress(conn, job_id)
+    if job.error is None:
+        await flush_disk(conn, node_name)
+    return job
 
 
 async def dismiss(conn: QMPConnection, job_id: str) -> None:
@@ -266,74 +220,17 @@ async def _job_command(conn: QMPConnection, command: str, arguments: dict[str, A
     except CommandFailed as exc:
         if "not found" in exc.message.lower() or "No job with ID" in exc.message:
             raise JobNotFound(f"QEMU has no block job {job_id!r}") from exc
-        if command != "job-dismiss" and re.search(r"in state '(concluded|null|aborting)'", exc.message):
+        if command not in ("job-dismiss", "job-finalize") and re.search(
+            r"in state '(concluded|null|aborting)'", exc.message
+        ):
             # The job ended between our read and this command: steering a finished job is
             # moot, and whoever waits on it reports the real outcome.
             return
         raise
 
 
-# --- waiting --------------------------------------------------------------------------------
-
-ProgressCallback = Callable[[Progress], Awaitable[None] | None]
-
-
-async def wait_for_outcome(
-    conn: QMPConnection,
-    job_id: str,
-    *,
-    on_progress: ProgressCallback | None = None,
-    poll_interval: float = DEFAULT_POLL_INTERVAL,
-) -> Outcome:
-    """Follow a job until it concludes and return its outcome (the job is NOT dismissed).
-
-    Completion is taken from QEMU's events the moment they arrive; between events the job is
-    re-read every `poll_interval` seconds for progress (and as a net, should our event queue
-    ever overflow). Raises `Disconnected` if QEMU goes away, `JobNotFound` if the job vanishes.
-    """
-    sub = conn.subscribe(_JOB_EVENTS)
-    try:
-        return await _follow(conn, job_id, sub, on_progress, poll_interval)
-    finally:
-        conn.unsubscribe(sub)
-
-
-async def _follow(
-    conn: QMPConnection,
-    job_id: str,
-    sub: Subscription,
-    on_progress: ProgressCallback | None,
-    poll_interval: float,
-) -> Outcome:
-    loop = asyncio.get_running_loop()
-    next_poll = 0.0
-    while True:
-        if loop.time() >= next_poll or sub.overflowed:
-            sub.overflowed = False
-            job = await find_job(conn, job_id)
-            if job is None:
-                raise JobNotFound(f"QEMU has no block job {job_id!r} (dismissed by someone else?)")
-            outcome = outcome_of(job)
-            if outcome is not None:
-                return outcome
-            if on_progress is not None:
-                maybe = on_progress(job)
-                if maybe is not None:
-                    await maybe
-            next_poll = loop.time() + poll_interval
-        try:
-            event = await sub.get(timeout=max(0.0, next_poll - loop.time()))
-        except TimeoutError:
-            continue
-        if _concerns(event.data, job_id) and (
-            event.name != "JOB_STATUS_CHANGE" or event.data.get("status") == "concluded"
-        ):
-            # Re-read rather than trust the event alone: query-jobs carries the error text
-            # and the final offset, and says COMPLETED when a cancel lost the race.
-            next_poll = 0.0
-
-
-def _concerns(data: Any, job_id: str) -> bool:
+def concerns(data: Any, job_id: str) -> bool:
+    """Does an event's data name this job (JOB_STATUS_CHANGE: id; BLOCK_JOB_*: device)?"""
     return bool(data.get("id") == job_id or data.get("device") == job_id)
 
 
@@ -341,20 +238,20 @@ def _str_or_none(value: object) -> str | None:
     return str(value) if value is not None else None
 
 
-async def judge_from_chain(conn: QMPConnection, disk: str, base: str | None) -> Result | None:
-    """What became of a job QEMU no longer knows, judged from the disk's chain itself.
+async def pulled(conn: QMPConnection, disk: str, base: str | None) -> bool:
+    """Does the disk's chain show a pull as done, for a job QEMU no longer knows?
 
-    COMPLETED when the disk no longer needs anything above `base` (or any backing file at all
-    without a base); None when the chain is as before, i.e. the pull was lost (the job was
+    True when the disk no longer needs anything above `base` (or any backing file at all
+    without a base); False when the chain is as before, i.e. the pull was lost (the job was
     dismissed by someone else, or QEMU restarted, which throws away unflushed progress).
     """
     chain = await read_chain(conn, disk)
     if base is None:
-        return Result.COMPLETED if len(chain.images) == 1 else None
+        return len(chain.images) == 1
     try:
-        return Result.COMPLETED if chain.find_base(base) == 1 else None
+        return chain.find_base(base) == 1
     except BaseNotInChain:
-        return None
+        return False
 
 
 async def flush_disk(conn: QMPConnection, node_name: str) -> None:
@@ -365,7 +262,7 @@ async def flush_disk(conn: QMPConnection, node_name: str) -> None:
     before its next flush (a guest fsync, or quit) leaves an image that reads zeros where the
     backing data was. QMP has no flush command, so we use HMP's `qemu-io NODE flush`.
     """
-    if not _JOB_ID.match(node_name) and not node_name.startswith("#"):
+    if not _NODE_NAME.match(node_name) and not node_name.startswith("#"):
         raise InvalidSpec(f"not a node name: {node_name!r}")
     reply = await conn.execute("human-monitor-command", {"command-line": f"qemu-io {node_name} flush"})
     if isinstance(reply, str) and reply.strip():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
@@ -141,9 +142,9 @@ def test_a_busy_disk_is_refused_and_the_running_job_untouched(make_lab: LabFacto
     other_id = run_cli("pull", busy.socket, busy.top, "--job-id", "j2", "-o", "json")
 
     assert same_id.returncode == 3, str(same_id)
-    assert_one_error_line(same_id, "is busy")  # QEMU checks the node before the id
+    assert_one_error_line(same_id, "held by stream job j1 (running")  # the node is checked first
     assert other_id.returncode == 3, str(other_id)
-    assert_one_error_line(other_id, "is busy")
+    assert_one_error_line(other_id, "held by stream job j1 (running", "try again once it has ended")
     assert other_id.json()["error"]["reason"] == "DiskBusy"
     [job] = busy.jobs()
     assert job["id"] == "j1" and job["status"] == "running"
@@ -188,3 +189,46 @@ def test_a_failed_job_reports_qemus_error_and_keeps_the_chain(make_lab: LabFacto
     assert broken.vm.alive
     broken.stop()
     assert len(broken.backing_names()) == 3
+
+
+def test_a_finished_job_nobody_collected_is_named_with_the_command_that_collects_it(lab: Lab) -> None:
+    left = run_cli("pull", lab.socket, lab.top, "--no-wait", "--job-id", "left").stdout.strip()
+    lab.wait_job(left, lambda job: job["status"] == "pending")
+
+    again = run_cli("pull", lab.socket, lab.top, "--job-id", "again")
+
+    assert again.returncode == 3, str(again)
+    assert_one_error_line(
+        again, "held by stream job left (copy done, waiting to be finalized)", "it has ended",
+        f"blockpull wait {lab.socket} left",
+    )  # fmt: skip
+    collected = run_cli("wait", lab.socket, "left")
+    assert collected.returncode == 0, str(collected)
+    assert lab.jobs() == []
+
+
+def test_a_socket_that_closes_at_once_says_so(short_tmp: Path) -> None:
+    path = str(short_tmp / "closes.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(8)
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                connection, _ = server.accept()
+                connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        ran = run_cli("--connect-timeout", "2", "jobs", path)
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    assert ran.returncode == 3, str(ran)
+    assert_one_error_line(ran, "closed the connection before greeting")
+    assert "EOFError" not in ran.stderr

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qemulab import EIO, InjectError
-from qemulab.imageinfo import host_offset
+from qemulab import EIO, InjectError, check, compare
+from qemulab.imageinfo import backing_chain, host_offset
 
 from .conftest import LabFactory
 from .support import SLOW, Lab, assert_one_error_line, run_cli
@@ -15,6 +15,10 @@ pytestmark = pytest.mark.qemu
 
 def concluded(job: dict[str, object]) -> bool:
     return job["status"] == "concluded"
+
+
+def pending(job: dict[str, object]) -> bool:
+    return job["status"] == "pending"
 
 
 def test_wait_from_a_new_process_follows_the_job_to_its_end(slow_lab: Lab) -> None:
@@ -36,13 +40,18 @@ def test_wait_from_a_new_process_follows_the_job_to_its_end(slow_lab: Lab) -> No
 
 def test_a_job_that_completed_while_nobody_was_connected(lab: Lab) -> None:
     job_id = run_cli("pull", lab.socket, lab.top, "--no-wait", "--job-id", "quick").stdout.strip()
-    lab.wait_job(job_id, concluded)  # it ended with no client on the CLI's monitor
+    # Copied with no client on the CLI's monitor: the job waits at `pending`, and the disk still
+    # names its backing file until someone flushes and finalizes (nothing to lose meanwhile).
+    lab.wait_job(job_id, pending)
+    assert len(backing_chain(lab.chain.top, force_share=True)) == 4, "the chain changes only at finalize"
 
     listed = run_cli("jobs", lab.socket, "--output", "json")
     [job] = listed.json()["jobs"]
-    assert (job["status"], job["result"], job["error"]) == ("concluded", "completed", None)
-    assert run_cli("jobs", lab.socket).returncode == 0
-    assert lab.jobs() != [], "`jobs` only reads: the outcome stays for whoever reports it"
+    assert (job["status"], job["result"], job["error"]) == ("pending", None, None)
+    table = run_cli("jobs", lab.socket)
+    assert table.returncode == 0
+    assert f"blockpull wait {lab.socket} {job_id}" in table.stdout, table.stdout
+    assert lab.jobs() != [], "`jobs` only reads: the job stays for whoever concludes it"
 
     ran = run_cli("wait", lab.socket, job_id, "-o", "json")
 
@@ -86,3 +95,24 @@ def test_wait_with_a_timeout_cancels_the_job(slow_lab: Lab) -> None:
     assert slow_lab.jobs() == []
     slow_lab.stop()
     slow_lab.assert_intact_and_unchanged()
+
+
+def test_an_uncollected_no_wait_job_loses_nothing_when_qemu_dies(lab: Lab) -> None:
+    """`pull --no-wait` and nobody runs `wait`: the job waits at `pending`; QEMU SIGKILLed then
+    leaves a disk that shows the guest's data through its intact chain (checked as the image
+    headers chain it, before anything re-attaches it), and a new pull completes it."""
+    job_id = run_cli("pull", lab.socket, lab.top, "--no-wait").stdout.strip()
+    lab.wait_job(job_id, pending)
+    lab.vm.kill()
+    assert backing_chain(lab.chain.top) == [str(p) for p in reversed(lab.chain.images)]
+    assert compare(lab.chain.top, lab.chain.reference)
+    assert check(lab.chain.top).clean
+
+    lab.vm.start_sync()
+    assert lab.jobs() == [], "QEMU forgot the job with its process"
+    again = run_cli("pull", lab.socket, lab.top)
+    assert again.returncode == 0, str(again)
+    lab.vm.kill()  # killed right after the CLI said completed
+    assert backing_chain(lab.chain.top) == [str(lab.chain.top)]
+    assert compare(lab.chain.top, lab.chain.reference)
+    assert check(lab.chain.top).clean

@@ -15,6 +15,7 @@ from blockpull.cli_render import (
     format_duration,
     outcome_line,
 )
+from blockpull.driver import Outcome, Progress, Result
 from blockpull.errors import (
     BaseNotInChain,
     BlockPullError,
@@ -28,7 +29,6 @@ from blockpull.errors import (
     VMExited,
     VMNotFound,
 )
-from blockpull.stream import Outcome, Progress, Result
 
 MiB = 2**20
 
@@ -117,7 +117,7 @@ def test_the_bar_fits_the_terminal_and_ends_with_the_outcome(
     bar.finish(Outcome("j1", Result.COMPLETED, 100 * MiB, 100 * MiB))
     frames = out.getvalue().split("\r")[1:]
     assert all(len(frame.removesuffix("\x1b[K\n").removesuffix("\x1b[K")) < columns for frame in frames)
-    assert "100.0%" in frames[-1] and "completed" in frames[-1] and frames[-1].endswith("\n")
+    assert "100.00%" in frames[-1] and "completed" in frames[-1] and frames[-1].endswith("\n")
 
 
 def outcome(result: Result, offset: int = 50 * MiB, error: str | None = None) -> Outcome:

@@ -18,7 +18,7 @@ from .support import SLOW, Lab, cli_argv, cli_env
 pytestmark = pytest.mark.qemu
 
 BAR = re.compile(
-    r"\r(?P<job>\S+) \[(?P<bar>[#.]+)\] +(?P<pct>\d+\.\d)% .*?(?P<tail>ETA +\S+|completed)\x1b\[K"
+    r"\r(?P<job>\S+) \[(?P<bar>[#.]+)\] +(?P<pct>\d+\.\d\d)% .*?(?P<tail>ETA +\S+|completed)\x1b\[K"
 )
 
 
@@ -86,7 +86,7 @@ def test_the_progress_bar_is_redrawn_on_one_line(slow_lab: Lab) -> None:
     assert len({len(bar.group(0)) for bar in bars}) == 1, "fixed width: the bar does not jitter"
     assert all(len(bar.group(0)) - len("\r\x1b[K") < 100 for bar in bars), "fits the terminal"
     last = bars[-1]
-    assert last["tail"] == "completed" and last["pct"] == "100.0" and "." not in last["bar"]
+    assert last["tail"] == "completed" and last["pct"] == "100.00" and "." not in last["bar"]
     assert "\n" not in drawn[bars[0].start() : last.end()], "redrawn in place, not scrolled"
     assert drawn[last.end() :].lstrip("\r\n").startswith(f"completed: job {last['job']} pulled disk")
     assert slow_lab.jobs() == []

@@ -14,7 +14,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from blockpull import pull as protocol
+from blockpull.driver import Outcome
 from blockpull.qmp import QMPConnection
+from blockpull.qmp_driver import QMPDriver
 from qemulab import Chain, QemuVM, check
 from qemulab.pytest_plugin import VMFactory
 
@@ -53,3 +56,15 @@ def assert_intact(chain: Chain) -> None:
     result = check(chain.top, force_share=True)  # raises ImageCorrupt on corruption
     assert result.clean, result.raw
     assert chain.matches(force_share=True), "the disk's content differs from the reference"
+
+
+async def settle(conn: QMPConnection, job_id: str, poll_interval: float = 1.0) -> Outcome:
+    """The engine's whole end of a job, as the CLI and the agent run it: follow it until it has
+    ended, then conclude it durably (flush, finalize, flush) and dismiss it."""
+    driver = QMPDriver(conn)
+    await protocol.follow(driver, job_id, poll_interval=poll_interval)
+
+    async def record(outcome: Outcome) -> None:
+        assert await driver.find_job(job_id) is not None, "recorded before the job was dismissed"
+
+    return await protocol.conclude(driver, job_id, None, record=record)

@@ -11,12 +11,13 @@ import pytest
 
 from blockpull import stream
 from blockpull.chain import read_chain
+from blockpull.driver import Result
 from blockpull.errors import QEMUUnavailable, QMPTimeout, VMNotFound
 from blockpull.qmp import QMPConnection
 from qemulab import EIO, ENOSPC, Chain, Disk, InjectError, QemuVM
 from qemulab.pytest_plugin import VMFactory
 
-from .conftest import assert_intact
+from .conftest import assert_intact, settle
 
 pytestmark = pytest.mark.qemu
 
@@ -33,10 +34,10 @@ async def test_read_error_reported_or_ignored(vm_factory: VMFactory, chain4: Cha
     top = machine.disks[0].top
     async with await QMPConnection.open(str(machine.qmp_socket)) as conn:
         await stream.start_stream(conn, stream.StreamRequest(disk=top, job_id="e", on_error=on_error))
-        outcome = await asyncio.wait_for(stream.wait_for_outcome(conn, "e", poll_interval=0.2), 30)
+        outcome = await asyncio.wait_for(settle(conn, "e", poll_interval=0.2), 30)
         # report: fails at the error. ignore: runs to the end, then still COMPLETES WITH the
         # error and keeps the backing file (QEMU's documented behaviour).
-        assert outcome.result is stream.Result.FAILED
+        assert outcome.result is Result.FAILED
         assert outcome.error == "Input/output error"
         if on_error == "ignore":
             assert outcome.offset == outcome.length
@@ -66,7 +67,7 @@ async def test_stop_and_enospc_pause_then_resume_retries(
         assert job.paused and job.io_status == io_status, job
         # The error was one-off: resuming retries the read and the pull completes.
         await stream.resume(conn, "s")
-        outcome = await asyncio.wait_for(stream.wait_for_outcome(conn, "s", poll_interval=0.2), 30)
+        outcome = await asyncio.wait_for(settle(conn, "s", poll_interval=0.2), 30)
         assert outcome.ok
         await stream.flush_disk(conn, top)
         await stream.dismiss(conn, "s")
@@ -82,8 +83,8 @@ async def test_enospc_mode_reports_other_errors(vm_factory: VMFactory, chain4: C
         await stream.start_stream(
             conn, stream.StreamRequest(disk=machine.disks[0].top, job_id="n", on_error="enospc")
         )
-        outcome = await asyncio.wait_for(stream.wait_for_outcome(conn, "n", poll_interval=0.2), 30)
-        assert outcome.result is stream.Result.FAILED and outcome.error == "Input/output error"
+        outcome = await asyncio.wait_for(settle(conn, "n", poll_interval=0.2), 30)
+        assert outcome.result is Result.FAILED and outcome.error == "Input/output error"
         await stream.dismiss(conn, "n")
     await machine.stop()
     assert_intact(chain4)
@@ -139,7 +140,7 @@ async def test_event_memory_is_bounded(vm: QemuVM) -> None:
         sub = conn.subscribe(depth=8)
         for index in range(20):  # each job emits ~7 events
             await stream.start_stream(conn, stream.StreamRequest(disk=vm.disks[0].top, job_id=f"m{index}"))
-            await asyncio.wait_for(stream.wait_for_outcome(conn, f"m{index}", poll_interval=0.1), 10)
+            await asyncio.wait_for(settle(conn, f"m{index}", poll_interval=0.1), 10)
             await stream.dismiss(conn, f"m{index}")
         assert sub.pending() <= 8 and sub.overflowed
         conn.unsubscribe(sub)

@@ -7,26 +7,26 @@ import signal
 
 import pytest
 
+from blockpull import pull as protocol
 from blockpull import stream
 from blockpull.chain import read_chain
+from blockpull.driver import Outcome, Result
 from blockpull.errors import BaseNotInChain, Disconnected, DiskBusy, DiskNotFound
 from blockpull.qmp import QMPConnection
 from qemulab import EIO, AttachMode, Chain, Disk, InjectError, QemuVM, backing_names
 from qemulab.patterns import MiB
 from qemulab.pytest_plugin import ChainFactory, VMFactory
 
-from .conftest import assert_intact, wait_exit
+from .conftest import assert_intact, settle, wait_exit
 
 pytestmark = pytest.mark.qemu
 
 
-async def pull(conn: QMPConnection, disk: str, **kwargs: object) -> stream.Outcome:
+async def pull(conn: QMPConnection, disk: str, **kwargs: object) -> Outcome:
     job_id = str(kwargs.pop("job_id", "bp-test"))
     started = await stream.start_stream(conn, stream.StreamRequest(disk=disk, job_id=job_id, **kwargs))  # type: ignore[arg-type]
-    outcome = await asyncio.wait_for(stream.wait_for_outcome(conn, job_id, poll_interval=0.2), 60)
-    if outcome.ok and started.chain is not None:
-        await stream.flush_disk(conn, started.chain.device)
-    await stream.dismiss(conn, job_id)
+    outcome = await asyncio.wait_for(settle(conn, job_id, poll_interval=0.2), 60)
+    assert started.device
     assert await stream.find_job(conn, job_id) is None
     return outcome
 
@@ -123,7 +123,7 @@ async def test_second_pull_on_a_busy_chain_is_refused(vm: QemuVM, conn: QMPConne
     with pytest.raises(DiskBusy, match=r"busy|already exists"):
         await stream.start_stream(conn, stream.StreamRequest(disk=nodes[1], job_id="first"))
     await stream.set_bandwidth(conn, "first", 0)
-    outcome = await asyncio.wait_for(stream.wait_for_outcome(conn, "first"), 30)
+    outcome = await asyncio.wait_for(settle(conn, "first"), 30)
     assert outcome.ok
     await stream.dismiss(conn, "first")
     await vm.stop()
@@ -161,7 +161,7 @@ async def test_live_bandwidth_change_pause_and_resume(vm: QemuVM, conn: QMPConne
     await stream.resume(conn, "bw")
     await stream.resume(conn, "bw")  # idempotent
     await stream.set_bandwidth(conn, "bw", 0)
-    outcome = await asyncio.wait_for(stream.wait_for_outcome(conn, "bw"), 30)
+    outcome = await asyncio.wait_for(settle(conn, "bw"), 30)
     assert outcome.ok
     await stream.dismiss(conn, "bw")
     await vm.stop()
@@ -179,8 +179,8 @@ async def test_cancel_keeps_the_chain_and_a_later_pull_resumes(
         await stream.pause(conn, "c1")
         await asyncio.sleep(0.2)
     await stream.cancel(conn, "c1")
-    outcome = await asyncio.wait_for(stream.wait_for_outcome(conn, "c1"), 10)
-    assert outcome.result is stream.Result.CANCELLED
+    outcome = await asyncio.wait_for(settle(conn, "c1"), 10)
+    assert outcome.result is Result.CANCELLED
     assert 0 < outcome.offset < outcome.length
     await stream.dismiss(conn, "c1")
     assert len((await read_chain(conn, top)).images) == 4  # chain intact
@@ -196,10 +196,10 @@ async def test_cancel_keeps_the_chain_and_a_later_pull_resumes(
 async def test_cancel_racing_completion_reports_what_happened(vm: QemuVM, conn: QMPConnection) -> None:
     await stream.start_stream(conn, stream.StreamRequest(disk=vm.disks[0].top, job_id="race"))
     await stream.cancel(conn, "race")  # may arrive before or after the (fast) job finished
-    outcome = await asyncio.wait_for(stream.wait_for_outcome(conn, "race"), 10)
-    assert outcome.result in (stream.Result.COMPLETED, stream.Result.CANCELLED)
+    outcome = await asyncio.wait_for(settle(conn, "race"), 10)
+    assert outcome.result in (Result.COMPLETED, Result.CANCELLED)
     chain = await read_chain(conn, vm.disks[0].top)
-    assert (len(chain.images) == 1) == (outcome.result is stream.Result.COMPLETED)
+    assert (len(chain.images) == 1) == (outcome.result is Result.COMPLETED)
     await stream.dismiss(conn, "race")
 
 
@@ -214,7 +214,7 @@ async def test_reattach_from_a_new_connection(vm: QemuVM, chain4: Chain) -> None
         job = await stream.progress(second, "re")
         assert not job.concluded
         await stream.set_bandwidth(second, "re", 0)
-        outcome = await asyncio.wait_for(stream.wait_for_outcome(second, "re"), 30)
+        outcome = await asyncio.wait_for(settle(second, "re"), 30)
         assert outcome.ok
         await stream.dismiss(second, "re")
     finally:
@@ -236,15 +236,18 @@ async def test_job_that_ended_while_nobody_listened(
     await asyncio.sleep(1.0)  # it ends while no client is connected; events are lost
     conn = await QMPConnection.open(str(machine.qmp_socket))
     job = await stream.progress(conn, "away")
-    outcome = stream.outcome_of(job)
-    assert outcome is not None and outcome.result.value == result
+    if result == "completed":
+        # Held at `pending`: copied, the chain unchanged until someone concludes it.
+        assert job.pending and protocol.outcome_of(job) is None
+        assert len((await read_chain(conn, top)).images) == 4
+        assert_intact(chain4)
+    outcome = await settle(conn, "away")
+    assert outcome.result.value == result
     if result == "failed":
         assert outcome.error == "Input/output error"
-    await stream.dismiss(conn, "away")
     assert await stream.find_job(conn, "away") is None
     # Once dismissed, QEMU no longer knows the job: the chain tells what happened.
-    verdict = await stream.judge_from_chain(conn, top, None)
-    assert (verdict is stream.Result.COMPLETED) == (result == "completed")
+    assert await stream.pulled(conn, top, None) == (result == "completed")
     await conn.close()
     assert machine.alive
     await machine.stop()
@@ -254,7 +257,7 @@ async def test_job_that_ended_while_nobody_listened(
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 async def test_qemu_killed_mid_pull(vm: QemuVM, conn: QMPConnection, chain4: Chain, sig: int) -> None:
     await stream.start_stream(conn, stream.StreamRequest(disk=vm.disks[0].top, job_id="k", bandwidth=4 * MiB))
-    waiter = asyncio.create_task(stream.wait_for_outcome(conn, "k", poll_interval=5))
+    waiter = asyncio.create_task(settle(conn, "k", poll_interval=5))
     await asyncio.sleep(0.5)
     vm.kill(sig, wait=False)  # the clock below starts at the signal, not at QEMU's exit
     loop = asyncio.get_running_loop()
@@ -264,7 +267,7 @@ async def test_qemu_killed_mid_pull(vm: QemuVM, conn: QMPConnection, chain4: Cha
         # cancel is seen or the connection's end, never a hang.
         try:
             outcome = await asyncio.wait_for(waiter, 5)
-            assert outcome.result is stream.Result.CANCELLED
+            assert outcome.result is Result.CANCELLED
         except Disconnected:
             pass
     else:

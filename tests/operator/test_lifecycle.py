@@ -42,7 +42,7 @@ def test_full_pull_completes_with_every_status_field(
     assert RFC3339.match(status["startTime"]) and RFC3339.match(status["completionTime"])
     assert status["startTime"] <= status["completionTime"]
     assert status["releasedImages"] == [str(p) for p in reversed(chain4.images[:-1])]
-    assert status["message"] == "streamed 64.0 MiB from 3 backing image(s)"
+    assert status["message"] == "pulled the data of 3 backing image(s) into the disk (virtual size 64.0 MiB)"
     assert ns.conditions("flatten") == {"Running": "False", "Completed": "True", "Failed": "False"}
     completed = ns.condition("flatten", "Completed")
     assert completed["reason"] == "Completed" and completed["observedGeneration"] == 1
@@ -190,7 +190,7 @@ def test_a_vm_name_too_long_for_the_socket_template_fails_invalid_spec(
     ns.create("toolong", nodeName="node-a", vm=vm, disk="vda")
     status = ns.wait_phase("toolong", "Completed", "Failed")
     assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec"), status
-    assert "longer than 107 bytes" in status["message"], status
+    assert "bytes long; unix socket paths allow at most 107" in status["message"], status
     assert ns.conditions("toolong") == {"Running": "False", "Completed": "False", "Failed": "True"}
     ns.assert_event_reasons("toolong", ["Failed"])
     failed = ns.events("toolong")[-1]

@@ -84,20 +84,21 @@ def test_job_that_ends_while_the_agent_is_down_is_reported_then_dismissed(
     assert time.monotonic() - stopping < 3  # prompt, well inside a pod's grace period
 
     vm.execute_sync("block-job-set-speed", {"device": job_id, "speed": 0})
-    eventually(lambda: "concluded" in events.statuses(job_id), timeout=30, what="job concluded in QEMU")
-    concluded_at = events.qemu_time(job_id, "concluded")
-    assert concluded_at is not None
-    # Nobody dismissed it: QEMU keeps the concluded job (auto-dismiss false) for the agent.
-    assert [j["status"] for j in vm.execute_sync("query-jobs")] == ["concluded"]
-    assert ns.status("offline")["phase"] == "Running"
+    eventually(lambda: "pending" in events.statuses(job_id), timeout=30, what="job pending in QEMU")
+    pending_at = events.qemu_time(job_id, "pending")
+    assert pending_at is not None
+    # Nobody finalized it: QEMU holds the copied job at `pending`, chain unchanged, for the agent.
     time.sleep(1.2)
+    assert [j["status"] for j in vm.execute_sync("query-jobs")] == ["pending"]
+    assert ns.status("offline")["phase"] == "Running"
 
     agent.start()
     status = ns.wait_phase("offline", "Completed", "Failed")
     assert status["phase"] == "Completed", status
-    # completionTime: not before QEMU concluded, not after the agent saw it.
-    assert int(concluded_at) <= seconds(status["completionTime"]) <= time.time() + 1
-    assert "ended while the agent was not watching" in status["message"]
+    # The agent finalized it on its return: completionTime is that moment, after the copy.
+    assert int(pending_at) <= seconds(status["completionTime"]) <= time.time() + 1
+    concluded_at = events.qemu_time(job_id, "concluded")
+    assert concluded_at is not None and concluded_at >= pending_at
     assert status["releasedImages"] == [str(p) for p in reversed(slow_chain.images[:-1])]
     assert_no_jobs(vm)
     assert events.statuses(job_id).count("created") == 1
@@ -155,6 +156,10 @@ def test_job_dismissed_by_someone_else_is_judged_from_the_chain(
     agent.kill(signal.SIGSTOP, wait=False)
     try:
         vm.execute_sync("block-job-set-speed", {"device": job_id, "speed": 0})
+        eventually(
+            lambda: [j["status"] for j in vm.execute_sync("query-jobs")] == ["pending"], what="pending"
+        )
+        vm.execute_sync("job-finalize", {"id": job_id})
         eventually(
             lambda: [j["status"] for j in vm.execute_sync("query-jobs")] == ["concluded"], what="concluded"
         )

@@ -19,7 +19,8 @@ def _body(uid: str, status: dict[str, Any] | None) -> dict[str, Any]:
 
 async def test_a_stale_unfinished_body_of_a_finished_object_starts_nothing() -> None:
     settings = AgentSettings.from_env({"NODE_NAME": "worker-3", "BLOCKPULL_LIVENESS_PORT": "0"})
-    agent = Agent(settings, kube=None, vms=VMConnections(connect_timeout=1, command_timeout=1))  # type: ignore[arg-type]
+    vms = VMConnections(settings.socket_template, connect_timeout=1, command_timeout=1)
+    agent = Agent(settings, kube=None, vms=vms)  # type: ignore[arg-type]
     agent._finished.add("u1")
     # kopf delivers an event queued before the outcome was written: Running, or no status yet.
     agent.observe(_body("u1", {"phase": "Running", "conditions": []}))

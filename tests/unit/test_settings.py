@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from blockpull.agent.settings import AgentSettings, SocketTemplate
@@ -55,7 +59,7 @@ def test_names_that_are_not_dns_labels_never_reach_the_filesystem(namespace: str
 def test_names_too_long_for_a_unix_socket_are_refused_per_object() -> None:
     template = SocketTemplate("/run/blockpull/{namespace}/{vm}.qmp")
     assert len(template.path_for("n" * 40, "v" * 47).encode()) == 107
-    with pytest.raises(InvalidSpec, match="longer than 107 bytes"):
+    with pytest.raises(InvalidSpec, match=r"is 1\d\d bytes long; unix socket paths allow at most 107"):
         template.path_for("n" * 63, "v" * 63)
 
 
@@ -75,3 +79,39 @@ def test_settings_from_env_fail_fast() -> None:
     assert settings.status_interval == 0.5
     assert settings.liveness_port is None
     assert settings.socket_template.template == "/run/blockpull/{namespace}/{vm}.qmp"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BLOCKPULL_LOG_LEVEL", "LOUD"),
+        ("BLOCKPULL_POLL_INTERVAL", "inf"),
+        ("BLOCKPULL_STATUS_INTERVAL", "nan"),
+        ("BLOCKPULL_DELETE_TIMEOUT", "-1"),
+    ],
+)
+def test_bad_values_are_refused_at_start(name: str, value: str) -> None:
+    with pytest.raises(InvalidSpec, match=name):
+        AgentSettings.from_env({"NODE_NAME": "node-a", name: value})
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"BLOCKPULL_LOG_LEVEL": "LOUD"},
+        {"KUBECONFIG": "/nonexistent/kubeconfig"},
+        {"BLOCKPULL_POLL_INTERVAL": "inf"},
+    ],
+)
+def test_the_agent_says_what_is_wrong_in_one_line_and_exits_2(env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "blockpull.agent"],
+        env={"PATH": os.environ["PATH"], "NODE_NAME": "node-a", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 2, result
+    assert len(lines) == 1 and lines[0].startswith("blockpull-agent: error: "), lines

@@ -29,7 +29,7 @@ def main() -> None:
         print(f"blockpull-agent: error: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
     logging.basicConfig(
-        level=os.environ.get("BLOCKPULL_LOG_LEVEL", "INFO").upper(),
+        level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # qemu.qmp logs every QMP message at DEBUG; that is a protocol trace, not an agent log.
@@ -38,29 +38,29 @@ def main() -> None:
     # write of every object: noise at scale. Its warnings and errors still show.
     if logging.getLogger().level >= logging.INFO:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(settings))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_run(settings))
+    except InvalidSpec as exc:  # the Kubernetes client configuration: one line, as above
+        print(f"blockpull-agent: error: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 async def _run(settings: AgentSettings) -> None:
     import kopf  # noqa: PLC0415
-    import kubernetes  # noqa: PLC0415
 
     from blockpull.agent.handlers import build_registry  # noqa: PLC0415
     from blockpull.agent.kube import KubeAPI  # noqa: PLC0415
     from blockpull.agent.manager import Agent  # noqa: PLC0415
     from blockpull.agent.vms import VMConnections  # noqa: PLC0415
 
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
-        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
-        api_client = kubernetes.client.ApiClient()
-    else:
-        # Pass the path explicitly: kubernetes.config reads $KUBECONFIG at import time.
-        api_client = kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=os.environ.get("KUBECONFIG")
-        )
+    api_client = _api_client()
     kube = KubeAPI(api_client, component="blockpull-agent", node_name=settings.node_name)
-    vms = VMConnections(connect_timeout=settings.connect_timeout, command_timeout=settings.command_timeout)
+    vms = VMConnections(
+        settings.socket_template,
+        connect_timeout=settings.connect_timeout,
+        command_timeout=settings.command_timeout,
+    )
     agent = Agent(settings, kube, vms)
     registry = build_registry(lambda: agent, settings, lambda: connection_info(api_client))
     liveness = f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None
@@ -71,6 +71,28 @@ async def _run(settings: AgentSettings) -> None:
         namespaces=[settings.watch_namespace] if settings.watch_namespace else [],
         liveness_endpoint=liveness,
     )
+
+
+def _api_client() -> kubernetes.client.ApiClient:
+    """The official client, from the service account in a pod or from KUBECONFIG; a broken
+    configuration is one clear line (InvalidSpec), not the client's traceback."""
+    import kubernetes  # noqa: PLC0415
+
+    kubeconfig = os.environ.get("KUBECONFIG")
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
+            kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+            return kubernetes.client.ApiClient()
+        # Pass the path explicitly: kubernetes.config reads $KUBECONFIG at import time.
+        return kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call,no-any-return]
+            config_file=kubeconfig
+        )
+    except Exception as exc:  # the client raises ConfigException, OSError, YAML errors...
+        where = (
+            f"KUBECONFIG={kubeconfig}" if kubeconfig else "the in-cluster service account or ~/.kube/config"
+        )
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise InvalidSpec(f"cannot load the Kubernetes client configuration from {where}: {detail}") from exc
 
 
 def connection_info(api_client: kubernetes.client.ApiClient) -> kopf.ConnectionInfo:

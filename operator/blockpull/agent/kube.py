@@ -106,6 +106,13 @@ class KubeAPI:
         except KubeAPIError as exc:
             log.warning("could not post event %s on %s: %s", reason, ref, exc)
 
+    async def object_uids(self, namespace: str) -> set[str]:
+        """The uids of the BlockPulls in `namespace` (to tell a leftover job's object is gone)."""
+        listing = await self._call(
+            self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, lane=self._routine
+        )
+        return {str(item["metadata"]["uid"]) for item in listing.get("items", [])}
+
     async def delete(self, ref: ObjectRef) -> None:
         """Delete the object, only if it is still the same object (uid precondition)."""
         self.writes["delete"] += 1

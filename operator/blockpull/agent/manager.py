@@ -11,28 +11,36 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
-from blockpull import stream
+from blockpull import pull as protocol
 from blockpull.agent import status as st
 from blockpull.agent.kube import Gone, KubeAPI, KubeAPIError, ObjectRef
 from blockpull.agent.reporter import ObjectReporter
 from blockpull.agent.runner import ObjectState, PullRunner, job_id_for
 from blockpull.agent.settings import AgentSettings
 from blockpull.agent.spec import PullSpec
-from blockpull.agent.vms import VMConnections
+from blockpull.agent.vms import VMs
+from blockpull.driver import BlockJobDriver, Outcome, Progress
 from blockpull.errors import BlockPullError, InvalidSpec
-from blockpull.qmp import QMPConnection
 
 log = logging.getLogger(__name__)
 
 #: How long a shutdown waits for runners that are writing an outcome and dismissing the job.
 SHUTDOWN_GRACE = 3.0
+_UID_JOB = re.compile(r"^blockpull-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
+
+
+def uid_of_job(job_id: str) -> str | None:
+    """The object uid a job id of this agent's was derived from (`job_id_for`), if it is one."""
+    match = _UID_JOB.match(job_id)
+    return match[1] if match else None
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, kube: KubeAPI, vms: VMConnections) -> None:
+    def __init__(self, settings: AgentSettings, kube: KubeAPI, vms: VMs) -> None:
         self.settings = settings
         self.kube = kube
         self.vms = vms
@@ -101,6 +109,7 @@ class Agent:
             generation=lambda: state.generation,  # the runner's updates move it forward
         )
         runner = PullRunner(state, reporter, self.vms, self.settings)
+        runner.collect_orphan = lambda driver, job: self.collect_orphan(ref, driver, job)
         task = asyncio.create_task(self._supervise(runner, invalid), name=f"blockpull:{ref}")
         self._runners[ref.uid] = (runner, task)
 
@@ -148,20 +157,52 @@ class Agent:
     async def _dismiss_leftover(self, ref: ObjectRef, body: Mapping[str, Any], job_id: str) -> None:
         try:
             # VMNotFound: the VM is gone, and its jobs with it.
-            conn, job = await self._find_job(ref, body, job_id)
+            driver, job = await self._find_job(ref, body, job_id)
             if job is not None and job.concluded:
-                await stream.dismiss(conn, job_id)
+                await driver.dismiss(job_id)
                 log.info("%s: dismissed concluded job %s left from an earlier run", ref, job_id)
         except BlockPullError as exc:
             log.debug("%s: no leftover job check (%s)", ref, exc)
 
     async def _find_job(
         self, ref: ObjectRef, body: Mapping[str, Any], job_id: str
-    ) -> tuple[QMPConnection, stream.Progress | None]:
-        """The object's VM connection and its job there, for objects without a runner."""
+    ) -> tuple[BlockJobDriver, Progress | None]:
+        """The object's VM driver and its job there, for objects without a runner."""
         spec = PullSpec.from_spec(body.get("spec", {}))
-        conn = await self.vms.get(self.settings.socket_template.path_for(ref.namespace, spec.vm))
-        return conn, await stream.find_job(conn, job_id)
+        driver = await self.vms.driver_for(ref.namespace, spec.vm)
+        return driver, await driver.find_job(job_id)
+
+    async def collect_orphan(self, ref: ObjectRef, driver: BlockJobDriver, job: Progress) -> bool:
+        """Collect an ended job of this agent whose BlockPull is gone; True when collected.
+
+        Its id is derived from a uid (`blockpull-<uid>`); no object of the namespace has that
+        uid any more (it was deleted while QEMU could not confirm the abort, or its agent was
+        killed in between). The deletion asked for an abort, so a job held at `pending` is
+        cancelled (the chain stays as it was), and the job is dismissed.
+        """
+        uid = uid_of_job(job.job_id)
+        if uid is None or uid in self._runners or uid in self._finished:
+            return False
+        if uid in await self.kube.object_uids(ref.namespace):
+            return False  # its object still exists: that object's runner or sweep finishes it
+        if job.pending:
+            await protocol.cancel_and_confirm(
+                driver,
+                job.job_id,
+                timeout=self.settings.delete_timeout,
+                poll_interval=self.settings.poll_interval,
+            )
+
+        async def record(outcome: Outcome) -> None:
+            log.info(
+                "%s: collected job %s of a deleted BlockPull (%s); chain as QEMU left it",
+                ref,
+                job.job_id,
+                outcome.result.value,
+            )
+
+        await protocol.conclude(driver, job.job_id, None, record=record)
+        return True
 
     def forget(self, uid: str) -> None:
         """The object is gone from the API: drop what was kept about it."""
@@ -193,18 +234,35 @@ class Agent:
         status = body.get("status") or {}
         job_id = str(status.get("jobId") or job_id_for(ref.uid))
         try:
-            conn, job = await self._find_job(ref, body, job_id)
+            driver, job = await self._find_job(ref, body, job_id)
             if job is None:
                 return
-            if not job.concluded:
-                await stream.cancel(conn, job_id)
-                with contextlib.suppress(BlockPullError):
-                    await asyncio.wait_for(
-                        stream.wait_for_outcome(conn, job_id), self.settings.delete_timeout
-                    )
-            await stream.dismiss(conn, job_id)
-            await self._event(ref, "Normal", "Cancelled", f"cancelled QEMU job {job_id}; chain intact")
-        except (BlockPullError, TimeoutError) as exc:
+            ended = (
+                job
+                if job.concluded
+                else await protocol.cancel_and_confirm(
+                    driver,
+                    job_id,
+                    timeout=self.settings.delete_timeout,
+                    poll_interval=self.settings.poll_interval,
+                )
+            )
+            if ended is None:
+                await self._warn(
+                    ref,
+                    "AbortUnconfirmed",
+                    f"QEMU did not confirm the cancel of job {job_id} within "
+                    f"{self.settings.delete_timeout:g}s; removing the finalizer",
+                )
+                return
+
+            async def record(outcome: Outcome) -> None:
+                message = f"cancelled QEMU job {job_id} ({outcome.result.value}); chain intact"
+                log.info("%s: %s", ref, message)
+                await self._event(ref, "Normal", "Cancelled", message)
+
+            await protocol.conclude(driver, job_id, None, record=record)
+        except BlockPullError as exc:
             await self._warn(
                 ref,
                 "AbortUnconfirmed",

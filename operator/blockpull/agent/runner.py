@@ -7,7 +7,9 @@ so it can be driven by kopf handlers, or by a test, the same way.
 Rules it keeps:
 - The job id is derived from the object's uid, so a job started just before a crash is found
   again after restart (never a second job, never a copy restarted from zero).
-- The outcome is written to `.status` before the QEMU job is dismissed.
+- A job's end goes through `blockpull.pull.conclude`: the chain changes only after the copied
+  data is flushed, and the outcome (with `releasedImages`) is written to `.status` only after
+  that, before the QEMU job is dismissed.
 - Waiting is not failing: a missing VM, a silent QEMU or a busy disk keep the object Pending
   with a reason, retried with capped backoff until its deadline.
 """
@@ -18,29 +20,29 @@ import asyncio
 import contextlib
 import datetime
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from blockpull import stream
+from blockpull import pull as protocol
 from blockpull.agent import status as st
 from blockpull.agent.kube import KubeAPIError, ObjectRef
 from blockpull.agent.settings import AgentSettings
 from blockpull.agent.spec import PullSpec
-from blockpull.agent.vms import VMConnections
-from blockpull.chain import DiskChain, read_chain
+from blockpull.agent.vms import VMs
+from blockpull.driver import BlockJobDriver, ChainImage, Outcome, Progress, Result, StreamRequest
 from blockpull.errors import (
     BlockPullError,
     DeadlineExceeded,
     Disconnected,
+    DiskBusy,
     JobNotFound,
     PermanentError,
     QEMUUnavailable,
     TransientError,
     VMExited,
 )
-from blockpull.qmp import QMPConnection
-from blockpull.quantity import format_bytes
+from blockpull.quantity import format_bytes, progress_text
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ class PullRunner:
         self,
         state: ObjectState,
         reporter: Reporter,
-        vms: VMConnections,
+        vms: VMs,
         settings: AgentSettings,
     ) -> None:
         self.state = state
@@ -107,6 +109,9 @@ class PullRunner:
         #: The job has ended and its outcome is being written and the job dismissed: a
         #: shutdown lets this finish (briefly) rather than leave a concluded job in QEMU.
         self.finishing = False
+        #: Set by the manager: collects an ended job of this agent whose object is gone
+        #: (returns True when it did), so that it never holds a disk forever.
+        self.collect_orphan: Callable[[BlockJobDriver, Progress], Awaitable[bool]] | None = None
 
     # --- inputs from the manager ------------------------------------------------------------
 
@@ -133,7 +138,8 @@ class PullRunner:
 
     async def _run(self) -> None:
         spec = self.state.spec
-        socket_path = self.settings.socket_template.path_for(self.state.ref.namespace, spec.vm)
+        namespace = self.state.ref.namespace
+        self.vms.locate(namespace, spec.vm)  # InvalidSpec (names that cannot be reached) fails at once
         backoff = 0.5
         vm_gone_since: float | None = None
         loop = asyncio.get_running_loop()
@@ -141,10 +147,10 @@ class PullRunner:
             self._check_abort()
             self._check_deadline()
             try:
-                conn = await self.vms.get(socket_path)
-                await self._ensure_job(conn)
+                driver = await self.vms.driver_for(namespace, spec.vm)
+                await self._ensure_job(driver)
                 vm_gone_since = None
-                await self._follow(conn)
+                await self._follow(driver)
                 return
             except Disconnected as exc:
                 self._trouble = exc.message
@@ -190,13 +196,16 @@ class PullRunner:
             f"for it to return ({exc.message})",
         )
 
-    async def _ensure_job(self, conn: QMPConnection) -> None:
+    async def _ensure_job(self, driver: BlockJobDriver) -> None:
         """Re-attach to our job if QEMU has it; otherwise start it (once)."""
-        job = await stream.find_job(conn, self.job_id)
+        job = await driver.find_job(self.job_id)
         if job is not None:
+            # A job held at `pending` waited for us with the chain intact; only a concluded one
+            # ended without anyone watching.
             self._ended_unwatched = job.concluded
+            log.info("%s: re-attached to job %s (%s)", self.state.ref, self.job_id, protocol.job_state(job))
             if not job.concluded and "chain" not in self.reporter.status:
-                await self._record_chain(conn)
+                await self._record_chain(driver)
             return
         spec = self.state.spec
         had_started = self.reporter.status.get("phase") in (st.RUNNING, st.PAUSED) or bool(
@@ -204,8 +213,7 @@ class PullRunner:
         )
         if had_started:
             # QEMU no longer knows the job we started: it was dismissed, or QEMU restarted.
-            verdict = await stream.judge_from_chain(conn, spec.disk, self._base_for_judging())
-            if verdict is stream.Result.COMPLETED:
+            if await driver.pulled(spec.disk, self._base_for_judging()):
                 await self._complete(None, "the pull finished while the agent was away")
                 raise _Aborted
             await self.reporter.event(
@@ -215,39 +223,62 @@ class PullRunner:
         if spec.paused:
             # Starting then pausing would copy some data first; wait for paused=false instead.
             raise _HeldPaused("spec.paused is true: the pull starts when it is set to false")
-        request = stream.StreamRequest(
+        request = StreamRequest(
             disk=spec.disk,
             job_id=self.job_id,
             base=spec.base,
             bandwidth=spec.bandwidth,
             on_error=spec.on_error,
         )
-        started = await stream.start_stream(conn, request)
+        try:
+            started = await driver.start(request)
+        except DiskBusy as exc:
+            raise await self._explain_busy(driver, exc) from exc
         self._applied_bandwidth = spec.bandwidth
         self._applied_paused = False
-        chain = started.chain
-        images = _chain_entries(chain) if chain else None
-        target = {"node": chain.device if chain else None, "base": started.base_node}
-        now = st.now_rfc3339()
         await self.reporter.transition(
             st.StatusView(
                 phase=st.RUNNING,
                 reason="Streaming",
                 message=f"streaming {spec.disk} from {len(started.released_images)} backing image(s)",
                 job_id=self.job_id,
-                target=target,
-                chain=images,
+                target={"node": started.device, "base": started.base_node},
+                chain=_chain_entries(started.chain),
+                # 0.00% at once (a blank PROGRESS column reads as "nothing known").
+                offset=0,
+                length=started.chain[0].virtual_size if started.chain else 0,
                 bandwidth=spec.bandwidth,
-                start_time=now,
+                start_time=st.now_rfc3339(),
             )
         )
         await self.reporter.event("Normal", "Started", f"started QEMU job {self.job_id} on {spec.disk}")
 
-    async def _record_chain(self, conn: QMPConnection) -> None:
+    async def _explain_busy(self, driver: BlockJobDriver, exc: DiskBusy) -> DiskBusy:
+        """Name the jobs holding the disk; collect an ended one of this agent's, whose object is
+        gone (its id is derived from a uid no object has any more)."""
+        try:
+            jobs = await driver.blocking_jobs(self.state.spec.disk)
+        except BlockPullError:
+            return exc
+        for job in jobs:
+            if job.ended and self.collect_orphan is not None and await self.collect_orphan(driver, job):
+                return DiskBusy(f"collected the ended job {job.job_id} of a deleted BlockPull; retrying")
+        return DiskBusy(
+            protocol.busy_message(
+                self.state.spec.disk,
+                jobs,
+                lambda job: f"on node {self.settings.node_name} run `{driver.collect_command(job)}`",
+            )
+        )
+
+    async def _record_chain(self, driver: BlockJobDriver) -> None:
         # Re-attached after a restart that happened before the chain was written: the chain is
-        # still whole while the job runs, so read it now for releasedImages later.
+        # still whole while the job runs (or waits at pending), so read it now for
+        # releasedImages later.
         with contextlib.suppress(TransientError, PermanentError):
-            chain = await read_chain(conn, self.state.spec.disk)
+            chain = await driver.chain(self.state.spec.disk)
+            base = self.state.spec.base
+            base_node = next((i.node for i in chain[1:] if base in (i.node, i.filename)), None)
             await self.reporter.transition(
                 st.StatusView(
                     phase=self._phase_now(),
@@ -255,7 +286,7 @@ class PullRunner:
                     message="re-attached to the running job",
                     job_id=self.job_id,
                     chain=_chain_entries(chain),
-                    target={"node": chain.device, "base": None},
+                    target={"node": chain[0].node, "base": base_node},
                 )
             )
 
@@ -263,18 +294,17 @@ class PullRunner:
         target = self.reporter.status.get("target") or {}
         return str(target.get("base") or "") or self.state.spec.base
 
-    async def _follow(self, conn: QMPConnection) -> None:
+    async def _follow(self, driver: BlockJobDriver) -> None:
         try:
-            await self._follow_job(conn)
+            await self._follow_job(driver)
         except JobNotFound:
-            await self._vanished(conn)
+            await self._vanished(driver)
 
-    async def _vanished(self, conn: QMPConnection) -> None:
+    async def _vanished(self, driver: BlockJobDriver) -> None:
         """Our job disappeared from a QEMU that is still there: someone else dismissed it."""
         self.finishing = True
-        verdict = await stream.judge_from_chain(conn, self.state.spec.disk, self._base_for_judging())
-        if verdict is stream.Result.COMPLETED:
-            await self._flush(conn)
+        if await driver.pulled(self.state.spec.disk, self._base_for_judging()):
+            await driver.make_durable((self.reporter.status.get("target") or {}).get("node"))
             await self._complete(None, "the job was dismissed outside BlockPull after it completed")
             return
         await self._fail(
@@ -282,12 +312,12 @@ class PullRunner:
             "the QEMU job disappeared (cancelled and dismissed outside BlockPull); chain intact",
         )
 
-    async def _follow_job(self, conn: QMPConnection) -> None:
+    async def _follow_job(self, driver: BlockJobDriver) -> None:
         """Follow the job to its end, applying spec changes, deadline and abort on the way."""
-        await self._apply_spec(conn, initial=True)
+        await self._apply_spec(driver, initial=True)
         waiter = asyncio.create_task(
-            stream.wait_for_outcome(
-                conn, self.job_id, on_progress=self._on_progress, poll_interval=self.settings.poll_interval
+            protocol.follow(
+                driver, self.job_id, on_progress=self._on_progress, poll_interval=self.settings.poll_interval
             )
         )
         try:
@@ -305,17 +335,17 @@ class PullRunner:
                     changed.cancel()
                     abort.cancel()
                 if waiter in done:
-                    await self._finish(conn, waiter.result())
+                    await self._finish(driver, waiter.result())
                     return
                 if abort in done:
-                    await self._cancel_and_finish(conn, waiter, reason=None)
+                    await self._cancel_and_finish(driver, reason=None)
                     raise _Aborted
                 if changed in done:
                     self._changed.clear()
-                    await self._apply_spec(conn, initial=False)
+                    await self._apply_spec(driver, initial=False)
                     continue
                 if self._seconds_to_deadline() == 0:
-                    await self._cancel_and_finish(conn, waiter, reason=DeadlineExceeded.reason)
+                    await self._cancel_and_finish(driver, reason=DeadlineExceeded.reason)
                     return
         finally:
             if not waiter.done():
@@ -323,31 +353,34 @@ class PullRunner:
                 with contextlib.suppress(asyncio.CancelledError, BlockPullError):
                     await waiter
 
-    async def _apply_spec(self, conn: QMPConnection, *, initial: bool) -> None:
+    async def _apply_spec(self, driver: BlockJobDriver, *, initial: bool) -> None:
         spec = self.state.spec
-        job = await stream.progress(conn, self.job_id)
-        if job.concluded:
+        job = await self._job(driver)
+        if job.ended:
             return
         if job.speed != spec.bandwidth:
-            await stream.set_bandwidth(conn, self.job_id, spec.bandwidth)
-            if not initial or self._applied_bandwidth is not None:
-                await self.reporter.event(
-                    "Normal", "BandwidthChanged", f"bandwidth {_rate(job.speed)} -> {_rate(spec.bandwidth)}"
-                )
+            # Also on re-attach: an edit made while the agent was down is applied now, and said.
+            await driver.set_speed(self.job_id, spec.bandwidth)
+            change = f"bandwidth {_rate(job.speed)} -> {_rate(spec.bandwidth)}"
+            log.info("%s: %s", self.state.ref, change)
+            await self.reporter.event("Normal", "BandwidthChanged", change)
         self._applied_bandwidth = spec.bandwidth
         if spec.paused and not job.paused:
-            await stream.pause(conn, self.job_id)
+            await driver.pause(self.job_id)
+            log.info("%s: paused job %s", self.state.ref, self.job_id)
             await self.reporter.event("Normal", "Paused", "paused the stream (spec.paused=true)")
         elif not spec.paused and job.paused and job.io_status == "ok":
             # A job stopped by on-error=stop/enospc is paused with io-status failed/nospace;
             # resuming it is a retry, which only spec.paused going false->true->false asks for.
-            await stream.resume(conn, self.job_id)
+            await driver.resume(self.job_id)
+            log.info("%s: resumed job %s", self.state.ref, self.job_id)
             await self.reporter.event("Normal", "Resumed", "resumed the stream (spec.paused=false)")
         elif not spec.paused and job.paused and not initial and self._applied_paused:
-            await stream.resume(conn, self.job_id)
+            await driver.resume(self.job_id)
+            log.info("%s: retrying job %s after an I/O error", self.state.ref, self.job_id)
             await self.reporter.event("Normal", "Resumed", f"retrying after I/O error ({job.io_status})")
         self._applied_paused = spec.paused
-        job = await stream.progress(conn, self.job_id)
+        job = await self._job(driver)
         if initial:
             # Right after the Running write: only a phase change (e.g. re-attached to a paused
             # job) is worth a write now; progress waits its turn.
@@ -356,14 +389,20 @@ class PullRunner:
             # A spec edit: show its effect (bandwidth, phase, observedGeneration) at once.
             await self.reporter.transition(self._running_view(job))
 
-    async def _on_progress(self, job: stream.Progress) -> None:
+    async def _job(self, driver: BlockJobDriver) -> Progress:
+        job = await driver.find_job(self.job_id)
+        if job is None:
+            raise JobNotFound(f"QEMU has no block job {self.job_id!r}")
+        return job
+
+    async def _on_progress(self, job: Progress) -> None:
         view = self._running_view(job)
         if view.phase != self.reporter.status.get("phase"):
             await self.reporter.transition(view)
         else:
             await self.reporter.progress(view)
 
-    def _running_view(self, job: stream.Progress) -> st.StatusView:
+    def _running_view(self, job: Progress) -> st.StatusView:
         if job.paused:
             reason = "Paused" if job.io_status == "ok" else f"PausedOnError{job.io_status.capitalize()}"
             message = (
@@ -389,79 +428,74 @@ class PullRunner:
     def _phase_now(self) -> str:
         return str(self.reporter.status.get("phase") or st.RUNNING)
 
-    async def _cancel_and_finish(
-        self, conn: QMPConnection, waiter: asyncio.Task[stream.Outcome], *, reason: str | None
-    ) -> None:
-        """Cancel the job and wait (bounded) for QEMU to confirm how it ended."""
+    async def _cancel_and_finish(self, driver: BlockJobDriver, *, reason: str | None) -> None:
+        """Cancel the job, wait (bounded) for QEMU to confirm how it ended, and record that."""
         self.finishing = True
-        await stream.cancel(conn, self.job_id)
-        try:
-            outcome = await asyncio.wait_for(asyncio.shield(waiter), self.settings.delete_timeout)
-        except TimeoutError:
-            self.abort_outcome = "timeout"
-            await self.reporter.event(
-                "Warning",
-                "CancelTimeout",
-                f"QEMU did not confirm the cancel within {self.settings.delete_timeout:g}s",
-            )
-            return
-        if reason is None:  # deletion: record what really happened, then let the object go
-            self.abort_outcome = outcome.result.value
-            if outcome.result is stream.Result.CANCELLED:
-                await self.reporter.event(
-                    "Normal",
-                    "Cancelled",
-                    f"cancelled QEMU job {self.job_id} at {_percent(outcome)}; chain intact",
-                )
-                await self._dismiss(conn)
-            else:
-                await self._finish(conn, outcome)
-            return
-        if outcome.result is stream.Result.COMPLETED:  # the job won the race with the deadline
-            await self._finish(conn, outcome)
-            return
-        await self._fail(
-            reason,
-            f"activeDeadlineSeconds={self.state.spec.active_deadline_seconds} exceeded; job cancelled "
-            f"at {_percent(outcome)}, chain intact",
-            outcome,
+        why = "deleted" if reason is None else reason
+        log.info("%s: cancelling job %s (%s)", self.state.ref, self.job_id, why)
+        ended = await protocol.cancel_and_confirm(
+            driver,
+            self.job_id,
+            timeout=self.settings.delete_timeout,
+            poll_interval=self.settings.poll_interval,
         )
-        await self._dismiss(conn)
+        if ended is None:
+            self.abort_outcome = "timeout"
+            message = (
+                f"QEMU did not confirm the cancel of job {self.job_id} within "
+                f"{self.settings.delete_timeout:g}s"
+            )
+            log.warning("%s: %s", self.state.ref, message)
+            await self.reporter.event("Warning", "CancelTimeout", message)
+            return
 
-    async def _finish(self, conn: QMPConnection, outcome: stream.Outcome) -> None:
+        async def record(outcome: Outcome) -> None:
+            if reason is None:  # deletion: say what really happened, then let the object go
+                self.abort_outcome = outcome.result.value
+                if outcome.result is Result.CANCELLED:
+                    message = f"cancelled QEMU job {self.job_id} at {_percent(outcome)}; chain intact"
+                    log.info("%s: %s", self.state.ref, message)
+                    await self.reporter.event("Normal", "Cancelled", message)
+                    return
+            elif outcome.result is Result.CANCELLED:
+                await self._fail(
+                    reason,
+                    f"activeDeadlineSeconds={self.state.spec.active_deadline_seconds} exceeded; job "
+                    f"cancelled at {_percent(outcome)}, chain intact",
+                    outcome,
+                )
+                return
+            await self._record_outcome(outcome)  # it had completed (or failed) before the cancel
+
+        await protocol.conclude(driver, self.job_id, self._device(), record=record)
+
+    async def _finish(self, driver: BlockJobDriver, ended: Progress) -> None:
+        """The job has ended: finalize it durably, record its outcome, dismiss it."""
         self.finishing = True
-        if outcome.result is stream.Result.COMPLETED:
-            await self._flush(conn)
+        await protocol.conclude(driver, self.job_id, self._device(), record=self._record_outcome)
+
+    def _device(self) -> str | None:
+        node = (self.reporter.status.get("target") or {}).get("node")
+        return str(node) if node else None
+
+    async def _record_outcome(self, outcome: Outcome) -> None:
+        if outcome.result is Result.COMPLETED:
             await self._complete(outcome, _UNWATCHED if self._ended_unwatched else None)
-        elif outcome.result is stream.Result.FAILED:
+        elif outcome.result is Result.FAILED:
             note = f" ({_UNWATCHED})" if self._ended_unwatched else ""
             await self._fail("IOError", (outcome.error or "the job failed") + note, outcome)
         else:
             await self._fail(
                 "Cancelled", "the QEMU job was cancelled outside BlockPull; chain intact", outcome
             )
-        await self._dismiss(conn)
 
-    async def _flush(self, conn: QMPConnection) -> None:
-        # QEMU 7.2 may hold the copied clusters' metadata in its cache after completion; a
-        # SIGKILL then would lose them. Flush before telling anyone the pull is done.
-        node = (self.reporter.status.get("target") or {}).get("node")
-        if not node:
-            return
-        try:
-            await stream.flush_disk(conn, str(node))
-        except BlockPullError as exc:
-            log.warning("%s: flushing %s after completion failed: %s", self.state.ref, node, exc)
-
-    async def _dismiss(self, conn: QMPConnection) -> None:
-        # Only now that the outcome is in .status may QEMU forget the job.
-        with contextlib.suppress(JobNotFound, Disconnected):
-            await stream.dismiss(conn, self.job_id)
-
-    async def _complete(self, outcome: stream.Outcome | None, note: str | None) -> None:
+    async def _complete(self, outcome: Outcome | None, note: str | None) -> None:
         released = self._released()
         length = outcome.length if outcome else int(self.reporter.status.get("length") or 0)
-        message = f"streamed {format_bytes(length)} from {len(released)} backing image(s)"
+        # What was pulled, and how big the disk is: QEMU's length is the virtual size, not the
+        # amount copied (a pull to a base may copy a few MiB of a 128 MiB disk).
+        copied = f"{len(released)} backing image(s)" if released else "nothing (no backing file)"
+        message = f"pulled the data of {copied} into the disk (virtual size {format_bytes(length)})"
         if note:
             message = f"{message}; {note}"
         await self.reporter.transition(
@@ -488,7 +522,7 @@ class PullRunner:
             released.append(str(entry.get("file")))
         return released
 
-    async def _fail(self, reason: str, message: str, outcome: stream.Outcome | None = None) -> None:
+    async def _fail(self, reason: str, message: str, outcome: Outcome | None = None) -> None:
         await self.reporter.transition(
             st.StatusView(
                 phase=st.FAILED,
@@ -547,13 +581,13 @@ class PullRunner:
         self._changed.clear()
 
 
-def _chain_entries(chain: DiskChain) -> list[dict[str, str]]:
-    return [{"node": image.node_name, "file": image.filename} for image in chain.images]
+def _chain_entries(chain: tuple[ChainImage, ...]) -> list[dict[str, str]]:
+    return [{"node": image.node, "file": image.filename} for image in chain]
 
 
 def _rate(bandwidth: int) -> str:
     return "unlimited" if bandwidth == 0 else f"{format_bytes(bandwidth)}/s"
 
 
-def _percent(outcome: stream.Outcome) -> str:
-    return st.progress_text(outcome.offset, outcome.length)
+def _percent(outcome: Outcome) -> str:
+    return progress_text(outcome.offset, outcome.length)

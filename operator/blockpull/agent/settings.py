@@ -6,6 +6,8 @@ with one clear line instead of misbehaving later.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -66,8 +68,12 @@ class SocketTemplate:
         normalized = os.path.normpath(path)
         if not normalized.startswith(self.fixed_directory):
             raise InvalidSpec(f"socket path {path!r} leaves {self.fixed_directory}")
-        if len(normalized.encode()) > MAX_SOCKET_PATH_BYTES:
-            raise InvalidSpec(f"socket path {path!r} is longer than {MAX_SOCKET_PATH_BYTES} bytes")
+        length = len(normalized.encode())
+        if length > MAX_SOCKET_PATH_BYTES:
+            raise InvalidSpec(
+                f"socket path {path!r} is {length} bytes long; unix socket paths allow at most "
+                f"{MAX_SOCKET_PATH_BYTES} (shorten the VM name or the socket template)"
+            )
         return normalized
 
 
@@ -89,6 +95,8 @@ class AgentSettings:
     #: Backoff ceiling while Pending (VM missing, QEMU unavailable, disk busy).
     pending_backoff_max: float = 5.0
     liveness_port: int | None = 8080
+    #: The agent's log level (BLOCKPULL_LOG_LEVEL): DEBUG, INFO, WARNING or ERROR.
+    log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AgentSettings:
@@ -116,6 +124,7 @@ class AgentSettings:
             vm_gone_grace=_seconds(env, "BLOCKPULL_VM_GONE_GRACE", 60.0),
             pending_backoff_max=_seconds(env, "BLOCKPULL_PENDING_BACKOFF_MAX", 5.0),
             liveness_port=None if port in ("", "0", "off") else _port(port),
+            log_level=_log_level(env.get("BLOCKPULL_LOG_LEVEL", "INFO")),
         )
 
 
@@ -127,9 +136,19 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise InvalidSpec(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise InvalidSpec(f"{name} must be positive, got {raw!r}")
+    if not value > 0 or not math.isfinite(value):
+        raise InvalidSpec(f"{name} must be a positive, finite number of seconds, got {raw!r}")
     return value
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(raw: str) -> str:
+    level = raw.strip().upper() or "INFO"
+    if level not in _LOG_LEVELS or not isinstance(logging.getLevelName(level), int):
+        raise InvalidSpec(f"BLOCKPULL_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {raw!r}")
+    return level
 
 
 def _port(raw: str) -> int:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockpull.agent.settings import DNS1123_LABEL
+from blockpull.driver import ON_ERROR_CHOICES
 from blockpull.errors import InvalidSpec
 from blockpull.quantity import parse_bandwidth
-from blockpull.stream import ON_ERROR_CHOICES
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockpull.quantity import progress_text
+
 PENDING, RUNNING, PAUSED, COMPLETED, FAILED = "Pending", "Running", "Paused", "Completed", "Failed"
 TERMINAL_PHASES = (COMPLETED, FAILED)
 
@@ -33,15 +35,6 @@ def is_terminal(status: Mapping[str, Any] | None) -> bool:
         if condition.get("type") in TERMINAL_PHASES and condition.get("status") == "True":
             return True
     return False
-
-
-def progress_text(offset: int, length: int) -> str:
-    """QEMU's offset/len as a percentage with two decimals (CDI's DataVolume style)."""
-    if length <= 0:
-        return "100.00%"
-    # Truncate, never round up: 99.999% must not read as 100.00% before QEMU says done.
-    hundredths = offset * 10000 // length
-    return f"{hundredths // 100}.{hundredths % 100:02d}%"
 
 
 @dataclass(frozen=True)

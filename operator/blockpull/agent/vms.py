@@ -1,19 +1,43 @@
-"""One shared QMP connection per VM socket.
+"""How the agent reaches a VM: the `VMs` interface, and its QMP implementation.
 
-Owns: handing every BlockPull of a VM the same live connection (the agent's own monitor),
-connecting on first use and again after QEMU went away, and closing them all at shutdown.
+Owns: turning (namespace, `spec.vm`) into a block-job driver for that VM. `VMConnections`
+does it through the socket template and one shared QMP connection per VM socket (the agent's
+own monitor), connecting on first use and again after QEMU went away, and closing them all at
+shutdown. Another hypervisor API (libvirt) implements `VMs` the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Protocol
 
+from blockpull.agent.settings import SocketTemplate
+from blockpull.driver import BlockJobDriver
 from blockpull.qmp import QMPConnection
+from blockpull.qmp_driver import QMPDriver
+
+
+class VMs(Protocol):
+    """The VMs of this node, as block-job drivers."""
+
+    def locate(self, namespace: str, vm: str) -> str:
+        """Where the VM is reached (a socket path, a domain); raises InvalidSpec when the names
+        cannot be reached safely. Cheap and without I/O."""
+        ...
+
+    async def driver_for(self, namespace: str, vm: str) -> BlockJobDriver:
+        """A live driver for the VM (bounded; VMNotFound / QEMUUnavailable while it is not)."""
+        ...
+
+    async def close_all(self) -> None: ...
 
 
 class VMConnections:
-    def __init__(self, *, connect_timeout: float, command_timeout: float) -> None:
+    """`VMs` over QMP: one shared connection per VM socket, found by the socket template."""
+
+    def __init__(self, template: SocketTemplate, *, connect_timeout: float, command_timeout: float) -> None:
+        self._template = template
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._connections: dict[str, QMPConnection] = {}
@@ -41,6 +65,12 @@ class VMConnections:
         for conn in connections:
             with contextlib.suppress(Exception):
                 await conn.close()
+
+    def locate(self, namespace: str, vm: str) -> str:
+        return self._template.path_for(namespace, vm)
+
+    async def driver_for(self, namespace: str, vm: str) -> QMPDriver:
+        return QMPDriver(await self.get(self.locate(namespace, vm)))
 
     def __len__(self) -> int:
         return sum(1 for conn in self._connections.values() if not conn.closed)
