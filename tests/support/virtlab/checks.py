@@ -5,17 +5,20 @@ Every check reads the images the way their own headers chain them (`qemu-img inf
 with that: after a pull libvirt's XML must show the real, new chain.
 
 A running QEMU keeps qcow2 metadata in memory and locks its images: checks on a running
-domain read with `-U` and demand no corruption (leaks may be there until QEMU flushes); a
-check with `stopped=True` expects the domain destroyed first (libvirt's destroy is a SIGTERM:
-QEMU flushes and quits) and then demands a clean image.
+domain read with `-U` and demand no corruption (leaks may be there until QEMU flushes). After
+a pull QEMU has rewritten the header (no backing file any more) while the copied clusters'
+metadata may still be in its memory (libvirt finalizes jobs itself and flushes nothing): the
+data of a FLATTENED disk is therefore compared only once the domain is stopped (libvirt's
+`destroy` sends SIGTERM first: QEMU flushes and quits). An intact chain is compared live: what
+is on disk still reads through the old backing files.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from qemulab.images import Chain, backing_chain, backing_names, check, compare
 from qemulab.imageinfo import is_relative
+from qemulab.images import Chain, backing_chain, backing_names, check, compare
 from virtlab.domains import Domain
 
 
@@ -29,9 +32,10 @@ def assert_untainted(domain: Domain) -> None:
     assert domain.unexpected_taints() == set(), domain.log_text()[-2000:]
 
 
-def _assert_data(chain: Chain, *, running: bool) -> None:
+def _assert_data(chain: Chain, *, running: bool, compare_data: bool = True) -> None:
     assert chain.reference is not None, "the chain was built without a reference"
-    assert compare(chain.top, chain.reference, force_share=running), "the disk's data changed"
+    if compare_data:
+        assert compare(chain.top, chain.reference, force_share=running), "the disk's data changed"
     result = check(chain.top, force_share=running)
     assert result.corruptions == 0
     if not running:
@@ -59,7 +63,7 @@ def assert_flattened(domain: Domain | None, chain: Chain, keep: int = 0, target:
         assert domain.xml_chain(target) == expected
         assert_untainted(domain)
     assert header_chain(chain.top, running=running) == expected
-    _assert_data(chain, running=running)
+    _assert_data(chain, running=running, compare_data=not running)
 
 
 def top_backing_name(chain: Chain, *, running: bool = True) -> str | None:

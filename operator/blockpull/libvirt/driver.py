@@ -1,0 +1,379 @@
+"""The libvirt driver: one libvirt domain's disks, through libvirt's own block-job API.
+
+Owns: putting `virDomainBlockPull`/`virDomainBlockRebase`, `blockJobInfo`,
+`blockJobSetSpeed` and `blockJobAbort` behind the `BlockJobDriver` interface, with libvirt's
+naming rules (`blockpull.libvirt.xmlchain`) and its error codes mapped onto BlockPull's errors.
+Never a QEMU monitor command: the domain stays untainted and libvirt's XML stays true.
+
+How libvirt's job model maps onto the driver's five states:
+- A job shows as `running` while `blockJobInfo` reports it (`cur`/`end` are the offset and
+  length). libvirt has no pause, so never `paused`; and it finalizes and dismisses jobs
+  itself, so never `pending`.
+- The BLOCK_JOB_2 event (COMPLETED, FAILED, CANCELED) is the only record of how a job ended;
+  the connection keeps it as a `concluded` job until `dismiss`. A FAILED job has no error
+  text in libvirt: its `error` says so.
+- A job that ended while nobody listened (the agent or libvirtd was away) is simply gone:
+  `find_job` returns None and `pulled` judges it from libvirt's XML.
+- Job ids are `<domain>/<target>` (a disk has at most one job). The id a caller asked for at
+  start is also accepted; it is recorded in the domain's live metadata (libvirt's own
+  per-domain store, under BlockPull's namespace), so it still finds the job after this
+  process or libvirtd restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import TypeVar
+from xml.sax.saxutils import quoteattr
+
+import libvirt
+from blockpull.driver import ChainImage, Progress, StartedJob, StreamRequest
+from blockpull.errors import (
+    BaseNotInChain,
+    CommandFailed,
+    Disconnected,
+    DiskBusy,
+    DiskNotFound,
+    JobNotFound,
+    Unsupported,
+    VMNotFound,
+)
+from blockpull.libvirt import xmlchain
+from blockpull.libvirt.connection import (
+    ERR_AGAIN,
+    ERR_INVALID_ARG,
+    ERR_OPERATION_INVALID,
+    JOB_TYPES,
+    DomainJobs,
+    LibvirtConnection,
+    job_id_of,
+)
+
+#: BlockPull's namespace in a domain's metadata: the job ids it started, by disk target.
+METADATA_NS = "https://blockpull.dev/libvirt/jobs/v1"
+METADATA_KEY = "blockpull"
+
+T = TypeVar("T")
+
+ERROR_TEXT_HINT = (
+    "libvirt reports no error text for a failed block job; QEMU's message is only in libvirtd's "
+    "own log (journalctl -u libvirtd or virtqemud, or its log_outputs file) around the failure "
+    "time, and the domain log /var/log/libvirt/qemu/<domain>.log may say more"
+)
+
+
+class LibvirtJobWatch:
+    """Wakes on the domain's block-job and lifecycle events and on reconnects."""
+
+    def __init__(self, driver: LibvirtDriver, jobs: DomainJobs, event: asyncio.Event) -> None:
+        self._driver = driver
+        self._jobs = jobs
+        self._event = event
+
+    def _check(self) -> None:
+        if self._driver.closed:
+            raise Disconnected(f"the libvirt driver for {self._driver.describe} is closed")
+        if self._jobs.gone:
+            raise Disconnected(f"libvirt domain {self._jobs.name!r} stopped")
+
+    async def changed(self, timeout: float) -> bool:
+        self._check()
+        if not self._event.is_set():
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout)
+            except TimeoutError:
+                return False
+        self._event.clear()
+        self._check()
+        return True
+
+
+class LibvirtDriver:
+    """`BlockJobDriver` for libvirt domain `domain` over a shared `LibvirtConnection`."""
+
+    can_pause = False
+    reports_error_text = False
+    error_text_hint = ERROR_TEXT_HINT
+
+    def __init__(self, conn: LibvirtConnection, domain: str) -> None:
+        self.conn = conn
+        self.domain = domain
+        self.describe = f"libvirt domain {domain} at {conn.uri}"
+        self._jobs = conn.jobs(domain)
+        self._closed = False
+
+    # --- reading -------------------------------------------------------------------------
+
+    def _call_domain(self, fn: Callable[[libvirt.virDomain], T]) -> T:
+        try:
+            return self.conn.call(self.domain, fn)
+        except VMNotFound as exc:
+            if self._jobs.gone and (self._jobs.last or self._jobs.aliases):
+                # The domain we had a job on stopped: QEMU went away mid-job.
+                raise Disconnected(f"libvirt domain {self.domain!r} stopped during the pull") from exc
+            raise
+
+    def _disks(self) -> list[xmlchain.XmlDisk]:
+        return xmlchain.parse_disks(self._call_domain(lambda d: d.XMLDesc(0)))
+
+    def _disk(self, name: str) -> xmlchain.XmlDisk:
+        return xmlchain.resolve_disk(self._disks(), name)
+
+    def _info(self, target: str, job_id: str | None = None) -> Progress | None:
+        info = self._call_domain(
+            lambda d: d.blockJobInfo(target, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
+        )
+        if not info:
+            return None
+        progress = Progress(
+            job_id=job_id or job_id_of(self.domain, target),
+            status="running",
+            offset=int(info.get("cur", 0)),
+            length=int(info.get("end", 0)),
+            speed=int(info.get("bandwidth", 0)),
+            paused=False,
+            io_status="ok",
+            error=None,
+            job_type=JOB_TYPES.get(int(info.get("type", 0)), str(info.get("type", ""))),
+        )
+        self._jobs.last[target] = progress
+        return progress
+
+    def _recorded_ids(self) -> dict[str, str]:
+        """Job ids recorded in the domain's live metadata, by id: target."""
+        try:
+            text = self.conn.call(
+                self.domain,
+                lambda d: d.metadata(
+                    libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE
+                ),
+            )
+        except CommandFailed:
+            return {}  # no metadata of ours (libvirt: "metadata not found")
+        try:
+            root = ET.fromstring(text)
+        except ET.ParseError:
+            return {}
+        return {job.get("id", ""): job.get("disk", "") for job in root.iter("job") if job.get("id")}
+
+    def _record_id(self, job_id: str, target: str) -> None:
+        ids = {i: t for i, t in self._recorded_ids().items() if t != target}
+        ids[job_id] = target
+        body = "".join(f"<job id={quoteattr(i)} disk={quoteattr(t)}/>" for i, t in ids.items())
+        # Best effort: the job runs either way; without it only `<domain>/<target>` finds it
+        # after a restart.
+        with contextlib.suppress(CommandFailed):
+            self.conn.call(
+                self.domain,
+                lambda d: d.setMetadata(
+                    libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                    f"<jobs>{body}</jobs>",
+                    METADATA_KEY,
+                    METADATA_NS,
+                    libvirt.VIR_DOMAIN_AFFECT_LIVE,
+                ),
+            )
+
+    def _target_of(self, job_id: str) -> str | None:
+        target = self._jobs.aliases.get(job_id)
+        if target is not None:
+            return target
+        prefix = f"{self.domain}/"
+        if job_id.startswith(prefix) and job_id[len(prefix) :]:
+            return job_id[len(prefix) :]
+        target = self._recorded_ids().get(job_id)
+        if target:
+            self._jobs.aliases[job_id] = target
+        return target or None
+
+    def _require_target(self, job_id: str) -> str:
+        target = self._target_of(job_id)
+        if target is None:
+            raise JobNotFound(f"no block job {job_id!r} on {self.describe}")
+        return target
+
+    def _capacity(self, target: str) -> int:
+        with contextlib.suppress(CommandFailed):
+            return int(self._call_domain(lambda d: d.blockInfo(target))[0])
+        return 0
+
+    def _chain(self, disk: xmlchain.XmlDisk) -> tuple[ChainImage, ...]:
+        images = list(disk.images)
+        if images:
+            images[0] = dataclasses.replace(images[0], virtual_size=self._capacity(disk.target))
+        return tuple(images)
+
+    # --- the interface -------------------------------------------------------------------
+
+    async def start(self, request: StreamRequest) -> StartedJob:
+        if request.on_error != "report":
+            raise Unsupported(
+                f"libvirt cannot set a block pull's on-error policy ({request.on_error!r}); its pulls "
+                "always stop and report on an error (onError: report)"
+            )
+        disk = self._disk(request.disk)
+        target = disk.target
+        base = xmlchain.resolve_base(disk, request.base) if request.base else None
+        job_id = job_id_of(self.domain, target)
+        running = self._info(target)
+        if running is not None:
+            raise DiskBusy(f"disk {target!r} of {self.describe} is in another block job ({running.job_type})")
+        self._jobs.concluded.pop(target, None)
+        self._begin(target, base, request.bandwidth)
+        self._jobs.aliases[request.job_id] = target
+        self._jobs.aliases[job_id] = target
+        self._record_id(request.job_id, target)
+        with contextlib.suppress(CommandFailed):
+            self._info(target)  # the first reading: a concluded job's length comes from it
+        keep = disk.images.index(base) if base is not None else len(disk.images)
+        return StartedJob(
+            job_id=job_id,
+            device=target,
+            base_node=base.node if base is not None else None,
+            chain=self._chain(disk),
+            released_images=tuple(image.filename for image in disk.images[1:keep]),
+        )
+
+    def _begin(self, target: str, base: ChainImage | None, bandwidth: int) -> None:
+        try:
+            if base is None:
+                self._call_domain(
+                    lambda d: d.blockPull(target, bandwidth, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES)
+                )
+                return
+            flags = libvirt.VIR_DOMAIN_BLOCK_REBASE_BANDWIDTH_BYTES
+            try:
+                # Keep a relative backing name relative (QEMU writes an absolute one otherwise).
+                self._call_domain(
+                    lambda d: d.blockRebase(
+                        target, base.node, bandwidth, flags | libvirt.VIR_DOMAIN_BLOCK_REBASE_RELATIVE
+                    )
+                )
+            except CommandFailed as exc:
+                if exc.error_class != str(ERR_OPERATION_INVALID) or "relative" not in exc.message:
+                    raise
+                # The chain down to the base is not relative: libvirt refuses RELATIVE then.
+                self._call_domain(lambda d: d.blockRebase(target, base.node, bandwidth, flags))
+        except CommandFailed as exc:
+            raise self._start_error(exc, target, base) from exc
+
+    def _start_error(self, exc: CommandFailed, target: str, base: ChainImage | None) -> Exception:
+        if exc.error_class == str(ERR_AGAIN):
+            return DiskBusy(f"disk {target!r} of {self.describe} is busy: {exc.message}")
+        if exc.error_class == str(ERR_INVALID_ARG):
+            if base is not None and ("image" in exc.message or "index" in exc.message):
+                return BaseNotInChain(f"libvirt refused base {base.node} ({base.filename}): {exc.message}")
+            if "disk" in exc.message:
+                return DiskNotFound(f"libvirt refused disk {target!r}: {exc.message}")
+        return exc
+
+    async def find_job(self, job_id: str) -> Progress | None:
+        target = self._target_of(job_id)
+        if target is None:
+            return None
+        concluded = self._jobs.concluded.get(target)
+        if concluded is not None:
+            return dataclasses.replace(concluded, job_id=job_id)
+        return self._info(target, job_id)
+
+    async def list_jobs(self) -> list[Progress]:
+        found: list[Progress] = []
+        for disk in self._disks():
+            concluded = self._jobs.concluded.get(disk.target)
+            job = concluded or self._info(disk.target)
+            if job is not None:
+                found.append(job)
+        return found
+
+    async def blocking_jobs(self, disk: str) -> list[Progress]:
+        target = self._disk(disk).target
+        job = self._info(target)
+        return [job] if job is not None else []
+
+    def collect_command(self, job: Progress) -> str:
+        # libvirt finalizes and dismisses its jobs itself: one that holds a disk is running.
+        target = job.job_id.rsplit("/", 1)[-1]
+        return f"virsh -c {self.conn.uri} blockjob {self.domain} {target} --abort"
+
+    async def chain(self, disk: str) -> tuple[ChainImage, ...]:
+        return self._chain(self._disk(disk))
+
+    async def set_speed(self, job_id: str, bytes_per_second: int) -> None:
+        target = self._require_target(job_id)
+        try:
+            self._call_domain(
+                lambda d: d.blockJobSetSpeed(
+                    target, bytes_per_second, libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES
+                )
+            )
+        except CommandFailed as exc:
+            raise self._no_job(exc, job_id) from exc
+
+    async def pause(self, job_id: str) -> None:
+        raise Unsupported(
+            "libvirt has no block-job pause: the job keeps running (BlockPull never pauses it behind "
+            "libvirt's back)"
+        )
+
+    async def resume(self, job_id: str) -> None:
+        """Nothing to do: a libvirt job is never paused."""
+        self._require_target(job_id)
+
+    async def cancel(self, job_id: str) -> None:
+        target = self._require_target(job_id)
+        if target in self._jobs.concluded:
+            return  # it has ended already; its outcome stands
+        try:
+            self._call_domain(lambda d: d.blockJobAbort(target, 0))
+        except CommandFailed as exc:
+            if target in self._jobs.concluded:
+                return  # it ended while we asked
+            raise self._no_job(exc, job_id) from exc
+
+    def _no_job(self, exc: CommandFailed, job_id: str) -> Exception:
+        if exc.error_class == str(ERR_INVALID_ARG) and "active block job" in exc.message:
+            return JobNotFound(f"no block job {job_id!r} on {self.describe}: {exc.message}")
+        return exc
+
+    async def finalize(self, job_id: str, device: str | None) -> None:
+        """Nothing to do: libvirt finalizes its jobs itself (they never wait at `pending`)."""
+
+    async def make_durable(self, device: str | None) -> None:
+        """Nothing BlockPull can do: libvirt has no API that flushes a disk (see docs/libvirt.md)."""
+
+    async def dismiss(self, job_id: str) -> None:
+        target = self._target_of(job_id)
+        if target is None:
+            return
+        self._jobs.concluded.pop(target, None)
+        for alias in [a for a, t in self._jobs.aliases.items() if t == target]:
+            del self._jobs.aliases[alias]
+
+    async def pulled(self, disk: str, base: str | None) -> bool:
+        return xmlchain.pulled(self._disk(disk), base)
+
+    def watch(self, job_id: str) -> AbstractAsyncContextManager[LibvirtJobWatch]:
+        return self._watch()
+
+    @contextlib.asynccontextmanager
+    async def _watch(self) -> AsyncIterator[LibvirtJobWatch]:
+        event = asyncio.Event()
+        self._jobs.waiters.add(event)
+        try:
+            yield LibvirtJobWatch(self, self._jobs, event)
+        finally:
+            self._jobs.waiters.discard(event)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self.conn.closed
+
+    async def close(self) -> None:
+        """Done with this domain; the shared connection stays open for others."""
+        self._closed = True
+        self._jobs.wake()
