@@ -62,6 +62,7 @@ _CLOSE_REASONS = {
     libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by this client",
 }
 
+
 class _EventImpl:
     """The loop libvirt's events are bound to (process-wide, like libvirt's own registration)."""
 
