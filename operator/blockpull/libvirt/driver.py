@@ -60,6 +60,9 @@ METADATA_KEY = "blockpull"
 
 T = TypeVar("T")
 
+#: How long a job libvirt no longer lists may take to announce its end (measured: ~7 ms).
+EVENT_GRACE = 2.0
+
 ERROR_TEXT_HINT = (
     "libvirt reports no error text for a failed block job; QEMU's message is only in libvirtd's "
     "own log (journalctl -u libvirtd or virtqemud, or its log_outputs file) around the failure "
@@ -223,6 +226,9 @@ class LibvirtDriver:
         running = self._info(target)
         if running is not None:
             raise DiskBusy(f"disk {target!r} of {self.describe} is in another block job ({running.job_type})")
+        if target in self._jobs.last and target not in self._jobs.concluded:
+            # A job we saw has just ended: let its event arrive now, not after ours started.
+            await self._await_conclusion(target)
         self._jobs.concluded.pop(target, None)
         self._begin(target, base, request.bandwidth)
         self._jobs.aliases[request.job_id] = target
@@ -277,9 +283,33 @@ class LibvirtDriver:
         if target is None:
             return None
         concluded = self._jobs.concluded.get(target)
-        if concluded is not None:
-            return dataclasses.replace(concluded, job_id=job_id)
-        return self._info(target, job_id)
+        if concluded is None:
+            running = self._info(target, job_id)
+            if running is not None:
+                return running
+            if target in self._jobs.last:
+                # We saw it running and libvirt has forgotten it: its event is on the way
+                # (libvirt drops the job a few ms before the event reaches us).
+                concluded = await self._await_conclusion(target)
+        return dataclasses.replace(concluded, job_id=job_id) if concluded is not None else None
+
+    async def _await_conclusion(self, target: str) -> Progress | None:
+        """The event-made record of `target`'s job, waiting for it at most `EVENT_GRACE` s."""
+        event = asyncio.Event()
+        self._jobs.waiters.add(event)
+        try:
+            async with asyncio.timeout(EVENT_GRACE):
+                while target not in self._jobs.concluded and self.conn.connected:
+                    await event.wait()
+                    event.clear()
+        except TimeoutError:
+            pass
+        finally:
+            self._jobs.waiters.discard(event)
+        concluded = self._jobs.concluded.get(target)
+        if concluded is None:
+            self._jobs.last.pop(target, None)  # ended unseen: the chain tells (`pulled`)
+        return concluded
 
     async def list_jobs(self) -> list[Progress]:
         found: list[Progress] = []
@@ -329,11 +359,13 @@ class LibvirtDriver:
         if target in self._jobs.concluded:
             return  # it has ended already; its outcome stands
         try:
+            # Synchronous: returns once QEMU has ended the job; its event follows at once.
             self._call_domain(lambda d: d.blockJobAbort(target, 0))
         except CommandFailed as exc:
             if target in self._jobs.concluded:
                 return  # it ended while we asked
             raise self._no_job(exc, job_id) from exc
+        await self._await_conclusion(target)
 
     def _no_job(self, exc: CommandFailed, job_id: str) -> Exception:
         if exc.error_class == str(ERR_INVALID_ARG) and "active block job" in exc.message:
