@@ -11,7 +11,15 @@ import pytest
 from virtsupport import driver_for, follow_to_end, request, wait_for
 
 from blockpull.driver import CANCELLED_ERROR, StreamRequest
-from blockpull.errors import BaseNotInChain, Disconnected, DiskBusy, DiskNotFound, JobNotFound, Unsupported, VMNotFound
+from blockpull.errors import (
+    BaseNotInChain,
+    Disconnected,
+    DiskBusy,
+    DiskNotFound,
+    JobNotFound,
+    Unsupported,
+    VMNotFound,
+)
 from blockpull.libvirt import LibvirtConnection, LibvirtDriver
 from blockpull.pull import cancel_and_confirm, outcome_of
 from qemulab import Chain, backing_chain, check, compare
@@ -192,8 +200,6 @@ async def test_driver_of_a_stopped_domain(
     conn: LibvirtConnection, domain_factory: DomainFactory, data_chain: Chain
 ) -> None:
     """The domain goes away mid-job: the watch says Disconnected, as when QEMU exits."""
-    from blockpull.errors import Disconnected
-
     domain = domain_factory(data_chain)
     driver = driver_for(conn, domain)
     started = await driver.start(request(bandwidth=SLOW))
