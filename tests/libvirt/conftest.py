@@ -23,7 +23,7 @@ from virtlab import LibvirtDaemon
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def session_conn(libvirtd: LibvirtDaemon) -> AsyncIterator[LibvirtConnection]:
     """The code under test's connection to the lab's libvirtd, for the whole session."""
-    conn = LibvirtConnection(libvirtd.uri, keepalive_interval=2, keepalive_count=2)
+    conn = LibvirtConnection(libvirtd.uri, keepalive_interval=2, keepalive_count=2, call_timeout=3)
     await conn.open()
     yield conn
     await conn.close()

@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from virtsupport import driver_for, follow_to_end, request, wait_for
+from virtsupport import SLOW, driver_for, follow_to_end, request, wait_for
 
 from blockpull.driver import CANCELLED_ERROR, StreamRequest
 from blockpull.errors import (
@@ -30,8 +30,6 @@ from virtlab import DomainDisk, LibvirtDaemon, assert_flattened, assert_intact, 
 from virtlab.pytest_plugin import DomainFactory
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.asyncio(loop_scope="session")]
-
-SLOW = 2 * MiB  # bytes/s: 24 MiB of data takes ~12 s
 
 
 async def test_bandwidth_up_and_down(

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,6 +29,7 @@ import libvirtaio
 import libvirt
 from blockpull.driver import CANCELLED_ERROR, Progress
 from blockpull.errors import BlockPullError, CommandFailed, HypervisorUnavailable, VMNotFound
+from blockpull.libvirt import watchdog
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,12 @@ class LibvirtConnection:
         keepalive_interval: int = 5,
         keepalive_count: int = 3,
         reconnect_max_delay: float = 5.0,
+        call_timeout: float = 10.0,
     ) -> None:
         self.uri = uri
+        #: The longest a libvirt call may block the loop (see `blockpull.libvirt.watchdog`).
+        self.call_timeout = call_timeout
+        self._sockets: dict[int, str] = {}
         self.keepalive_interval = keepalive_interval
         self.keepalive_count = keepalive_count
         self.reconnect_max_delay = reconnect_max_delay
@@ -185,12 +190,14 @@ class LibvirtConnection:
         socket = socket_of(self.uri)
         if socket is not None and not os.path.exists(socket):
             raise HypervisorUnavailable(f"libvirtd is not reachable at {self.uri}: no socket {socket}")
+        before = watchdog.socket_fds()
         try:
-            conn = libvirt.open(self.uri)
+            with watchdog.guard(self.call_timeout, None, before=before, daemon_socket=socket) as fired:
+                conn = libvirt.open(self.uri)
         except libvirt.libvirtError as exc:
-            raise HypervisorUnavailable(
-                f"libvirtd is not reachable at {self.uri}: {exc.get_error_message()}"
-            ) from exc
+            why = f"no answer within {self.call_timeout:g} s" if fired.is_set() else exc.get_error_message()
+            raise HypervisorUnavailable(f"libvirtd is not reachable at {self.uri}: {why}") from exc
+        self._sockets = watchdog.new_daemon_sockets(before, socket)
         try:
             conn.setKeepAlive(self.keepalive_interval, self.keepalive_count)
             self._generation += 1
@@ -301,8 +308,9 @@ class LibvirtConnection:
             return handle
         conn = self.connection()
         try:
-            handle = conn.lookupByName(name)
-            active = handle.isActive()
+            with self._bounded():
+                handle = conn.lookupByName(name)
+                active = handle.isActive()
         except libvirt.libvirtError as exc:
             raise self.translate(exc, domain=name) from exc
         if not active:
@@ -319,13 +327,29 @@ class LibvirtConnection:
         for attempt in (0, 1):
             dom = self.domain(domain)
             try:
-                return fn(dom)
+                with self._bounded():
+                    return fn(dom)
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() == ERR_NO_DOMAIN and attempt == 0:
                     self._handles.pop(domain, None)
                     continue
                 raise self.translate(exc, domain=domain) from exc
         raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def _bounded(self) -> Iterator[None]:
+        """At most `call_timeout` s: then the connection's socket is shut down (the call fails,
+        the connection is re-opened). Keepalive cannot do this while a call blocks the loop."""
+        with watchdog.guard(self.call_timeout, self._sockets) as fired:
+            try:
+                yield
+            except libvirt.libvirtError as exc:
+                if fired.is_set():
+                    self._lost(exc)
+                    raise HypervisorUnavailable(
+                        f"libvirtd at {self.uri} did not answer within {self.call_timeout:g} s; reconnecting"
+                    ) from exc
+                raise
 
     def translate(self, exc: libvirt.libvirtError, *, domain: str) -> BlockPullError:
         """libvirt's error as BlockPull's: connection trouble, a missing domain, or the rest
@@ -392,8 +416,11 @@ class LibvirtConnection:
             jobs.wake()
         # libvirt frees the connection's handles and timers through callbacks scheduled on the
         # loop: let them run before a caller closes the loop.
-        for _ in range(3):
-            await asyncio.sleep(0)
+        del conn
+        impl = libvirtaio.getCurrentImpl()
+        if impl is not None and impl.loop is asyncio.get_running_loop():
+            with contextlib.suppress(TimeoutError, AssertionError):
+                await asyncio.wait_for(impl.drain(), 1.0)
 
 
 def job_id_of(domain: str, target: str) -> str:
