@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from virtsupport import make_chain_with_data, wait_for
 
-from blockpull.libvirt import LibvirtConnection
+from blockpull.libvirt.connection import LibvirtConnection
 from qemulab import Chain
 from qemulab.pytest_plugin import ChainFactory
 from virtlab import LibvirtDaemon

@@ -20,7 +20,8 @@ from blockpull.errors import (
     Unsupported,
     VMNotFound,
 )
-from blockpull.libvirt import LibvirtConnection, LibvirtDriver
+from blockpull.libvirt.connection import LibvirtConnection
+from blockpull.libvirt.driver import LibvirtDriver
 from blockpull.pull import cancel_and_confirm, outcome_of
 from qemulab import Chain, backing_chain, check, compare
 from qemulab.patterns import MiB

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from virtsupport import driver_for, follow_to_end, request
 
-from blockpull.libvirt import LibvirtConnection
+from blockpull.libvirt.connection import LibvirtConnection
 from blockpull.pull import outcome_of
 from qemulab import Chain
 from qemulab.pytest_plugin import ChainFactory

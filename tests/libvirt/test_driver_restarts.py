@@ -14,7 +14,7 @@ import pytest
 from virtsupport import SLOW, driver_for, follow_to_end, request, wait_for
 
 from blockpull.errors import HypervisorUnavailable
-from blockpull.libvirt import LibvirtConnection
+from blockpull.libvirt.connection import LibvirtConnection
 from qemulab import Chain
 from virtlab import LibvirtDaemon, assert_flattened
 from virtlab.pytest_plugin import DomainFactory
@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.asyncio(loop_scope="session")]
 _CLIENT = """
 import asyncio, sys
 from blockpull.driver import StreamRequest
-from blockpull.libvirt import LibvirtConnection, LibvirtDriver
+from blockpull.libvirt.connection import LibvirtConnection
+from blockpull.libvirt.driver import LibvirtDriver
 
 async def main(uri, domain, job_id, bandwidth):
     conn = await LibvirtConnection(uri).open()

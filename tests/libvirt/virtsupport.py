@@ -9,7 +9,8 @@ from typing import Any
 
 from blockpull import pull as protocol
 from blockpull.driver import Progress, StreamRequest
-from blockpull.libvirt import LibvirtConnection, LibvirtDriver
+from blockpull.libvirt.connection import LibvirtConnection
+from blockpull.libvirt.driver import LibvirtDriver
 from qemulab import Chain
 from qemulab.patterns import MiB
 from qemulab.pytest_plugin import ChainFactory

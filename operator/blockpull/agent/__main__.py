@@ -52,15 +52,23 @@ async def _run(settings: AgentSettings) -> None:
     from blockpull.agent.handlers import build_registry  # noqa: PLC0415
     from blockpull.agent.kube import KubeAPI  # noqa: PLC0415
     from blockpull.agent.manager import Agent  # noqa: PLC0415
-    from blockpull.agent.vms import VMConnections  # noqa: PLC0415
+    from blockpull.agent.vms import VMConnections, VMs  # noqa: PLC0415
 
     api_client = _api_client()
     kube = KubeAPI(api_client, component="blockpull-agent", node_name=settings.node_name)
-    vms = VMConnections(
-        settings.socket_template,
-        connect_timeout=settings.connect_timeout,
-        command_timeout=settings.command_timeout,
-    )
+    vms: VMs
+    if settings.libvirt_uri is not None:
+        from blockpull.agent.libvirt_vms import LibvirtVMs  # noqa: PLC0415
+
+        vms = LibvirtVMs(
+            settings.libvirt_uri, settings.domain_template, call_timeout=settings.command_timeout
+        )
+    else:
+        vms = VMConnections(
+            settings.socket_template,
+            connect_timeout=settings.connect_timeout,
+            command_timeout=settings.command_timeout,
+        )
     agent = Agent(settings, kube, vms)
     registry = build_registry(lambda: agent, settings, lambda: connection_info(api_client))
     liveness = f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None

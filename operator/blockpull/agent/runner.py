@@ -103,6 +103,8 @@ class PullRunner:
         self._abort = asyncio.Event()
         self._applied_bandwidth: int | None = None
         self._applied_paused: bool | None = None
+        #: spec.paused asks for a pause the driver cannot do (libvirt): the job keeps running.
+        self._pause_unsupported = False
         self.abort_outcome: str | None = None
         self._trouble: str | None = None  # the last reason QEMU could not be reached
         self._ended_unwatched = False  # re-attached to a job that had already ended
@@ -365,7 +367,17 @@ class PullRunner:
             log.info("%s: %s", self.state.ref, change)
             await self.reporter.event("Normal", "BandwidthChanged", change)
         self._applied_bandwidth = spec.bandwidth
-        if spec.paused and not job.paused:
+        self._pause_unsupported = spec.paused and not driver.can_pause
+        if self._pause_unsupported:
+            # libvirt has no block-job pause: say so (once per request), keep the job running,
+            # never pause it behind the hypervisor API's back.
+            if self._applied_paused is not True:
+                await self.reporter.event(
+                    "Warning",
+                    "PauseUnsupported",
+                    f"spec.paused is true but {driver.describe} cannot pause a block job; it keeps running",
+                )
+        elif spec.paused and not job.paused:
             await driver.pause(self.job_id)
             log.info("%s: paused job %s", self.state.ref, self.job_id)
             await self.reporter.event("Normal", "Paused", "paused the stream (spec.paused=true)")
@@ -415,6 +427,9 @@ class PullRunner:
         else:
             phase, reason = st.RUNNING, "Streaming"
             message = f"streamed {format_bytes(job.offset)} of {format_bytes(job.length)}"
+            if self._pause_unsupported:
+                reason = "PauseUnsupported"
+                message += "; spec.paused is true but the hypervisor API cannot pause a block job"
         return st.StatusView(
             phase=phase,
             reason=reason,

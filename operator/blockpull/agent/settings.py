@@ -11,9 +11,10 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from blockpull.errors import InvalidSpec
+from blockpull.libvirt.templates import DEFAULT_DOMAIN_TEMPLATE, DomainTemplate, URITemplate
 
 DEFAULT_SOCKET_TEMPLATE = "/run/blockpull/{namespace}/{vm}.qmp"
 #: sun_path is 108 bytes including the terminating NUL.
@@ -97,6 +98,11 @@ class AgentSettings:
     liveness_port: int | None = 8080
     #: The agent's log level (BLOCKPULL_LOG_LEVEL): DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
+    #: BLOCKPULL_LIBVIRT_URI: when set, this agent's VMs are libvirt domains reached through it
+    #: (libvirt's block-job API) instead of QMP sockets.
+    libvirt_uri: URITemplate | None = None
+    #: BLOCKPULL_DOMAIN_TEMPLATE: the libvirt domain name of (namespace, spec.vm).
+    domain_template: DomainTemplate = field(default_factory=DomainTemplate)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AgentSettings:
@@ -112,6 +118,15 @@ class AgentSettings:
         if namespace is not None and not DNS1123_LABEL.match(namespace):
             raise InvalidSpec(f"BLOCKPULL_WATCH_NAMESPACE {namespace!r} is not a DNS-1123 label")
         port = env.get("BLOCKPULL_LIVENESS_PORT", "8080").strip()
+        raw_uri = env.get("BLOCKPULL_LIBVIRT_URI", "").strip()
+        libvirt_uri = URITemplate(raw_uri) if raw_uri else None
+        domains = DomainTemplate(env.get("BLOCKPULL_DOMAIN_TEMPLATE", "").strip() or DEFAULT_DOMAIN_TEMPLATE)
+        if libvirt_uri is not None and not domains.has_namespace and namespace is None:
+            raise InvalidSpec(
+                f"BLOCKPULL_DOMAIN_TEMPLATE {domains.template!r} has no {{namespace}}: a BlockPull of "
+                "any namespace could reach every domain of the node; set BLOCKPULL_WATCH_NAMESPACE "
+                "to serve one namespace, or put {namespace} in the template"
+            )
         return cls(
             node_name=node,
             socket_template=SocketTemplate(env.get("BLOCKPULL_SOCKET_TEMPLATE", DEFAULT_SOCKET_TEMPLATE)),
@@ -125,6 +140,8 @@ class AgentSettings:
             pending_backoff_max=_seconds(env, "BLOCKPULL_PENDING_BACKOFF_MAX", 5.0),
             liveness_port=None if port in ("", "0", "off") else _port(port),
             log_level=_log_level(env.get("BLOCKPULL_LOG_LEVEL", "INFO")),
+            libvirt_uri=libvirt_uri,
+            domain_template=domains,
         )
 
 

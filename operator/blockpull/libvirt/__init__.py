@@ -3,14 +3,11 @@
 - `blockpull.libvirt.connection`: `LibvirtConnection` (one per URI, asyncio through
   libvirtaio, keepalive, reconnect after libvirtd restarts) and `LibvirtConnections`.
 - `blockpull.libvirt.driver`: `LibvirtDriver`, the `BlockJobDriver` for one domain.
+- `blockpull.libvirt.watchdog`: the bound on a libvirt call that blocks the loop.
 - `blockpull.libvirt.xmlchain`: disks, chains and names from libvirt's live XML (pure).
+- `blockpull.libvirt.templates`: the URI and domain-name templates (pure).
 
-Needs the `libvirt-python` binding (and libvirt's client library, Debian `libvirt0`).
+Only `connection` and `driver` need the `libvirt-python` binding (and libvirt's client
+library, Debian `libvirt0`); nothing is imported here, so that the pure modules (the agent's
+settings use `templates`) load without it.
 """
-
-from __future__ import annotations
-
-from blockpull.libvirt.connection import LibvirtConnection, LibvirtConnections, job_id_of
-from blockpull.libvirt.driver import LibvirtDriver
-
-__all__ = ["LibvirtConnection", "LibvirtConnections", "LibvirtDriver", "job_id_of"]

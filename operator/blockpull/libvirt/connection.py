@@ -121,7 +121,11 @@ class DomainJobs:
 
 
 #: Text of a failed job's outcome: libvirt passes on no error text for block jobs.
-FAILED_WITHOUT_TEXT = "the block job failed; libvirt reports no error text for block jobs"
+FAILED_WITHOUT_TEXT = (
+    "the block job failed; libvirt reports no error text for block jobs: QEMU's message is only in "
+    "libvirtd's own log (journalctl -u libvirtd or virtqemud, or its log_outputs file) around this "
+    "time; the domain log /var/log/libvirt/qemu/<domain>.log may say more"
+)
 
 
 class LibvirtConnection:
