@@ -109,3 +109,24 @@ async def test_second_disk_is_pulled_alone(
     await follow_to_end(driver, started.job_id)
     assert_flattened(domain, b, target="vdb")
     assert_intact(domain, a, target="vda")
+
+
+async def test_jobs_that_end_at_once_never_crash_qemu(
+    conn: LibvirtConnection, domain_factory: DomainFactory, chain_factory: ChainFactory
+) -> None:
+    """Pulls that conclude within milliseconds, with the chain read right after each: the
+    driver must never ask libvirt for block info (`query-named-block-nodes`) in the window
+    where QEMU 7.2 crashes on it (a concluded, not yet dismissed stream job)."""
+    chain = chain_factory(layers=4)
+    domain = domain_factory(chain)
+    driver = driver_for(conn, domain)
+    for keep in (3, 2, 1):  # each pull removes one image: nothing left to copy, ends at once
+        started = await driver.start(request(base=str(chain.images[keep - 1])))
+        await driver.chain("vda")
+        await driver.list_jobs()
+        done = await follow_to_end(driver, started.job_id)
+        assert done.error is None
+        await driver.dismiss(started.job_id)
+    assert domain.active, domain.log_text()[-2000:]
+    assert "reason=crashed" not in domain.log_text()
+    assert_flattened(domain, chain, keep=1)

@@ -15,6 +15,7 @@ from virtsupport import SLOW, driver_for, follow_to_end, request, wait_for
 
 from blockpull.errors import HypervisorUnavailable
 from blockpull.libvirt.connection import LibvirtConnection
+from blockpull.libvirt.driver import LibvirtDriver
 from qemulab import Chain
 from virtlab import LibvirtDaemon, assert_flattened
 from virtlab.pytest_plugin import DomainFactory
@@ -108,13 +109,15 @@ async def test_client_killed_mid_job_reattaches_to_the_one_job(
     domain = domain_factory(data_chain)
     proc = _start_in_other_process(domain.uri, domain.name, "blockpull-0a1b2c", SLOW)
     _kill(proc)
-    driver = driver_for(conn, domain)  # a new process's view: knows nothing but the job id
+    fresh = await LibvirtConnection(domain.uri).open()  # a new process's view: only the job id
+    driver = LibvirtDriver(fresh, domain.name)
     job = await driver.find_job("blockpull-0a1b2c")  # found through the domain's metadata
     assert job is not None and job.status == "running" and job.job_id == "blockpull-0a1b2c"
     assert [j.job_id for j in await driver.list_jobs()] == [f"{domain.name}/vda"]  # one job
     await driver.set_speed("blockpull-0a1b2c", 0)
     done = await follow_to_end(driver, "blockpull-0a1b2c")
     assert done.error is None
+    await fresh.close()
     assert_flattened(domain, data_chain)
 
 
@@ -125,9 +128,11 @@ async def test_job_finished_while_the_client_was_away(
     proc = _start_in_other_process(domain.uri, domain.name, "blockpull-3d4e5f", 0)
     _kill(proc)
     await wait_for(lambda: domain.xml_chain() == [str(data_chain.top)], what="the pull to finish")
-    driver = driver_for(conn, domain)
+    fresh = await LibvirtConnection(domain.uri).open()  # connected after the job ended
+    driver = LibvirtDriver(fresh, domain.name)
     assert await driver.find_job("blockpull-3d4e5f") is None
     assert await driver.pulled("vda", None)  # Completed, from libvirt's view
+    await fresh.close()
     assert_flattened(domain, data_chain)
 
 

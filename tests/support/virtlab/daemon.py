@@ -17,7 +17,9 @@ test run may have its own private one). The recipe:
 - libvirtd listens on `<dir>/sock/libvirt-sock` only; the URI is
   `qemu+unix:///system?socket=<dir>/sock/libvirt-sock`.
 
-Everything is stopped by pid: domains' QEMUs, libvirtd, virtlogd, the anchor.
+Everything is stopped by pid: domains' QEMUs, libvirtd, virtlogd, the anchor. The directory
+is removed too, unless VIRTLAB_KEEP is set (then `libvirtd.log` keeps libvirtd's warnings and
+its QEMU monitor traffic, for a post-mortem).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ unix_sock_rw_perms = "0700"
 unix_sock_admin_perms = "0700"
 auth_unix_ro = "none"
 auth_unix_rw = "none"
-log_outputs = "3:file:{log}"
+log_filters = "1:qemu.qemu_monitor"
+log_outputs = "1:file:{log}"
 """
 
 _VIRTLOGD_CONF = """\
@@ -340,7 +343,7 @@ class LibvirtDaemon:
             if self._anchor.stderr is not None:
                 self._anchor.stderr.close()
             self._anchor = None
-        if self._owns_directory:
+        if self._owns_directory and not os.environ.get("VIRTLAB_KEEP"):
             remove_tree(self.directory)
 
     def __enter__(self) -> LibvirtDaemon:
