@@ -3,6 +3,10 @@ the names they give (pure)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from blockpull.agent.settings import AgentSettings
@@ -85,3 +89,31 @@ def test_bad_domain_templates(template: str, match: str) -> None:
         AgentSettings.from_env(
             {**BASE, "BLOCKPULL_LIBVIRT_URI": "qemu:///system", "BLOCKPULL_DOMAIN_TEMPLATE": template}
         )
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"BLOCKPULL_DOMAIN_TEMPLATE": "{vm}"}, "BLOCKPULL_WATCH_NAMESPACE"),
+        ({"BLOCKPULL_LIBVIRT_URI": "qemu+unix:///system?socket=/run/x/{namespace}/../{vm}"}, "'..'"),
+    ],
+)
+def test_the_agent_refuses_to_start(extra: dict[str, str], words: str) -> None:
+    """The agent process itself: one line, exit 2, before it talks to anything."""
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "NODE_NAME": "worker-3",
+        "BLOCKPULL_LIBVIRT_URI": "qemu:///system",
+        **extra,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "blockpull.agent"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0], lines
