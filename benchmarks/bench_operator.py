@@ -259,6 +259,7 @@ class AgentProcess:
 
     def __init__(self, kubeconfig: Path, socket_dir: Path, log_path: Path, args: argparse.Namespace) -> None:
         self.port = free_port()
+        self.metrics_port = free_port()
         self.log_path = log_path
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("BLOCKPULL_", "KUBERNETES_"))},
@@ -269,6 +270,7 @@ class AgentProcess:
             "BLOCKPULL_STATUS_INTERVAL": str(args.interval),
             "BLOCKPULL_POLL_INTERVAL": str(args.poll_interval),
             "BLOCKPULL_LIVENESS_PORT": str(self.port),
+            "BLOCKPULL_METRICS_PORT": str(self.metrics_port),
             "BLOCKPULL_LOG_LEVEL": args.log_level,
             "PYTHONUNBUFFERED": "1",
         }

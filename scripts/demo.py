@@ -423,6 +423,7 @@ class Demo:
             "NODE_NAME": NODE,
             "BLOCKPULL_SOCKET_TEMPLATE": self.socket_template,
             "BLOCKPULL_LIVENESS_PORT": str(port),
+            "BLOCKPULL_METRICS_PORT": str(free_port()),
             "BLOCKPULL_STATUS_INTERVAL": "0.5",
             "BLOCKPULL_POLL_INTERVAL": "0.5",
         }

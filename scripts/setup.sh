@@ -15,6 +15,8 @@ command -v virsh >/dev/null || packages+=(libvirt-clients)
 pkg-config --exists libvirt 2>/dev/null || packages+=(libvirt-dev)
 command -v gcc >/dev/null || packages+=(gcc)
 command -v pkg-config >/dev/null || packages+=(pkg-config)
+# promtool tests the PrometheusRule alerts in deploy/monitoring/ (Debian ships it with prometheus).
+command -v promtool >/dev/null || packages+=(prometheus)
 if ((${#packages[@]})); then
     echo "setup: installing ${packages[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

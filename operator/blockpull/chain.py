@@ -285,8 +285,9 @@ def _find_top(graph: BlockGraph, disk: str) -> str:
             )
     if not graph.complete and disk not in graph.details:
         raise InspectionUnsafe(
-            f"cannot resolve disk {disk!r} while a block job is finishing on this VM "
-            "(QEMU 7.2 may crash if asked to list block nodes now); will retry"
+            f"cannot resolve disk {disk!r} yet: another block job runs on this VM, and QEMU 7.2 "
+            "can crash if asked to list its block nodes while a job may end; will retry once no "
+            "job can end unseen (paused, held at pending, or gone)"
         )
     raise DiskNotFound(
         f"QEMU has no disk {disk!r} (not a node-name, drive id, device id or active image path)"
@@ -309,8 +310,8 @@ def _walk_chain(graph: BlockGraph, top: str, disk: str) -> Iterable[Image]:
                     f"disk {disk!r} is busy with block job {', '.join(jobs)}; try again once it has ended"
                 )
             raise InspectionUnsafe(
-                f"no details for block node {current!r} of disk {disk!r} while a block job is "
-                "finishing on this VM; will retry"
+                f"no details for block node {current!r} of disk {disk!r} yet: another block job "
+                "runs on this VM (QEMU 7.2 can crash if asked to list its block nodes then); will retry"
             )
         image: Mapping[str, Any] = info.get("image") or {}
         yield Image(

@@ -48,7 +48,15 @@ from blockpull.cli_render import (
     started_line,
     warning_line,
 )
-from blockpull.driver import ON_ERROR_CHOICES, BlockJobDriver, Outcome, Progress, Result, StreamRequest
+from blockpull.driver import (
+    ON_ERROR_CHOICES,
+    BlockJobDriver,
+    Outcome,
+    Progress,
+    Result,
+    StartedJob,
+    StreamRequest,
+)
 from blockpull.errors import (
     BlockPullError,
     Disconnected,
@@ -240,38 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the backing chain intact with the data copied so far. The job is dismissed once "
         "its outcome is printed.",
     )
-    pull.add_argument(
-        "disk",
-        metavar="DISK",
-        help="node-name, drive id, guest device id, or the active image's absolute path",
-    )
-    pull.add_argument(
-        "--base",
-        metavar="BASE",
-        help="keep this backing image (path or node-name) and everything below it; "
-        "a relative backing name stays relative (default: pull everything)",
-    )
-    pull.add_argument(
-        "--bandwidth",
-        type=_bandwidth,
-        default=0,
-        metavar="BYTES_PER_S",
-        help="limit, in bytes/s or a quantity like 100Mi or 1.5G (default: 0 = unlimited)",
-    )
-    pull.add_argument(
-        "--on-error",
-        choices=ON_ERROR_CHOICES,
-        default="report",
-        help="what QEMU does on an I/O error (default: report)",
-    )
-    pull.add_argument("--job-id", metavar="ID", help="QEMU job id (default: blockpull-<8 hex digits>)")
-    _follow_options(pull)
-    pull.add_argument(
-        "--no-wait",
-        action="store_true",
-        help="print the job id and exit at once; the job waits, chain intact, once its copy is "
-        "done until `blockpull wait` finalizes, reports and dismisses it",
-    )
+    _pull_options(pull)
 
     wait = command(
         "wait",
@@ -307,6 +284,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chain.add_argument("disk", metavar="DISK", help="node-name, drive id, device id or image path")
     return parser
+
+
+def _pull_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "disk",
+        metavar="DISK",
+        help="node-name, drive id, guest device id, or the active image's absolute path",
+    )
+    parser.add_argument(
+        "--base",
+        metavar="BASE",
+        help="keep this backing image (path or node-name) and everything below it; "
+        "a relative backing name stays relative (default: pull everything)",
+    )
+    parser.add_argument(
+        "--bandwidth",
+        type=_bandwidth,
+        default=0,
+        metavar="BYTES_PER_S",
+        help="limit, in bytes/s or a quantity like 100Mi or 1.5G (default: 0 = unlimited)",
+    )
+    parser.add_argument(
+        "--on-error",
+        choices=ON_ERROR_CHOICES,
+        default="report",
+        help="what QEMU does on an I/O error (default: report)",
+    )
+    parser.add_argument("--job-id", metavar="ID", help="QEMU job id (default: blockpull-<8 hex digits>)")
+    _follow_options(parser)
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="print the job id and exit at once; the job waits, chain intact, once its copy is "
+        "done until `blockpull wait` finalizes, reports and dismisses it",
+    )
 
 
 def _follow_options(parser: argparse.ArgumentParser) -> None:
@@ -670,7 +682,7 @@ def _display(label: str, quiet: bool) -> ProgressDisplay:
     return progress_display(sys.stderr, label, quiet=quiet)
 
 
-async def _start(driver: BlockJobDriver, request: StreamRequest, socket: str) -> Any:
+async def _start(driver: BlockJobDriver, request: StreamRequest, socket: str) -> StartedJob:
     try:
         with _explained_inspection(request.disk, socket):
             return await driver.start(request)
@@ -736,22 +748,7 @@ async def run_pull(
         started_at = loop.time()
         started = await _start(driver, request, socket)
         if no_wait and not stops.requested:
-            if settings.json:
-                dump_json(
-                    sys.stdout,
-                    {
-                        "job_id": started.job_id,
-                        "status": "started",
-                        "disk": disk,
-                        "device": started.device,
-                        "base": base,
-                        "base_node": started.base_node,
-                        "will_release_images": list(started.released_images),
-                        "collect_with": f"blockpull wait {_where(settings, socket)} {started.job_id}",
-                    },
-                )
-            else:
-                sys.stdout.write(started.job_id + "\n")
+            _print_started(settings, started, disk=disk, base=base, socket=_where(settings, socket))
             return EXIT_OK
         if not quiet:
             sys.stderr.write(f"blockpull: {started_line(job_id, started.device, started.base_node)}\n")
@@ -775,7 +772,7 @@ async def run_pull(
             return _unconfirmed(
                 job_id, _where(settings, socket), followed.stopped_by, settings.command_timeout
             )
-        display.finish(protocol.outcome_of(followed.job) or _pending_outcome(followed.job))
+        display.finish(_pending_outcome(followed.job))
         report = Report(
             outcome=_pending_outcome(followed.job),
             elapsed=loop.time() - started_at,
@@ -787,6 +784,28 @@ async def run_pull(
             stopped_by=followed.stopped_by,
         )
         return await _conclude_and_report(settings, driver, followed.job, started.device, report)
+
+
+def _print_started(
+    settings: Settings, started: StartedJob, *, disk: str, base: str | None, socket: str
+) -> None:
+    """`pull --no-wait`: the job id (text), or what was started and how to collect it (JSON)."""
+    if not settings.json:
+        sys.stdout.write(started.job_id + "\n")
+        return
+    dump_json(
+        sys.stdout,
+        {
+            "job_id": started.job_id,
+            "status": "started",
+            "disk": disk,
+            "device": started.device,
+            "base": base,
+            "base_node": started.base_node,
+            "will_release_images": list(started.released_images),
+            "collect_with": f"blockpull wait {socket} {started.job_id}",
+        },
+    )
 
 
 def _pending_outcome(job: Progress) -> Outcome:

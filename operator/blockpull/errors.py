@@ -1,10 +1,14 @@
 """The one exception tree of BlockPull.
 
-Every error the engine, the CLI and the agent raise on purpose is a `BlockPullError`. It is
-either *transient* (waiting is not failing: the VM is not there yet, QEMU does not answer, the
-disk is busy; try again later) or *permanent* (the request can never succeed as written, or the
-job itself failed). Each carries the `reason` that the BlockPull status uses, so the agent maps
-errors to conditions in one place (`blockpull.agent.outcome`) and the CLI prints one clear line.
+Every error the engine, the CLI and the agent raise on purpose is a `BlockPullError`. A VM-side
+error is either *transient* (waiting is not failing: the VM is not there yet, QEMU does not
+answer, the disk is busy; try again later) or *permanent* (the request can never succeed as
+written, or the job itself failed). Each carries the `reason` that the BlockPull status uses and
+says whether a retry can help (`retryable`), so the edges map errors in one place each: the
+agent's kopf handlers (`blockpull.agent.handlers.kopf_error`), its status (the runner waits on
+transient ones, fails on permanent ones) and the CLI's exit statuses (`blockpull.cli`). The
+Kubernetes API's own errors (`blockpull.agent.kube.KubeAPIError`) are a branch of their own:
+retryable, but never mistaken for the VM waiting.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ class BlockPullError(Exception):
 
     #: CamelCase reason used in conditions and Events.
     reason: ClassVar[str] = "Error"
+    #: Trying the same thing again later may succeed.
+    retryable: ClassVar[bool] = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -25,6 +31,8 @@ class BlockPullError(Exception):
 
 class TransientError(BlockPullError):
     """The request may succeed later without any change to it: retry with backoff."""
+
+    retryable = True
 
 
 class PermanentError(BlockPullError):

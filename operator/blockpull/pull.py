@@ -116,9 +116,8 @@ async def cancel_and_confirm(
     """
     await driver.cancel(job_id)
     try:
-        return await asyncio.wait_for(
-            follow(driver, job_id, poll_interval=poll_interval, until=_is_concluded), timeout
-        )
+        async with asyncio.timeout(timeout):
+            return await follow(driver, job_id, poll_interval=poll_interval, until=_is_concluded)
     except TimeoutError:
         return None
 

@@ -101,7 +101,10 @@ class Subscription:
             if timeout is None:
                 await self._wakeup.wait()
             else:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation
+                # that arrives as the wait completes (a runner cancelled at shutdown ran on).
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
         return self._events.popleft()
 
     def __aiter__(self) -> AsyncIterator[Event]:
@@ -166,7 +169,8 @@ class QMPConnection:
         check_socket(self.socket_path)
         client = _RoutingClient(self.client_name, self._route)
         try:
-            await asyncio.wait_for(client.connect(self.socket_path), timeout)
+            async with asyncio.timeout(timeout):
+                await client.connect(self.socket_path)
         except TimeoutError as exc:
             await _quietly_disconnect(client)
             # A -qmp monitor serves one client at a time: a second client is accepted by the
@@ -198,7 +202,8 @@ class QMPConnection:
             raise Disconnected(f"QMP connection to {self.socket_path} is closed") from (self._close_reason)
         deadline = self.command_timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(client.execute(command, arguments), deadline)
+            async with asyncio.timeout(deadline):
+                return await client.execute(command, arguments)
         except ExecuteError as exc:
             raise CommandFailed(exc.error.error.desc, exc.error_class) from exc
         except TimeoutError as exc:
@@ -299,7 +304,8 @@ async def _quietly_disconnect(client: QMPClient) -> None:
     # disconnect() re-raises whatever killed the reader (EOFError after QEMU died); closing a
     # dead connection is not an error for us.
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(client.disconnect(), 5.0)
+        async with asyncio.timeout(5.0):
+            await client.disconnect()
 
 
 def _connect_failure(exc: BaseException) -> str:

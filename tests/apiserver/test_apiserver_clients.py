@@ -65,7 +65,6 @@ def test_official_client_crud_and_watch(threaded: ThreadedAPIServer, tmp_path: P
 
 
 KUBECTL = shutil.which("kubectl")
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
 
 
 class Kubectl:
@@ -86,7 +85,6 @@ class Kubectl:
         return done.stdout + (done.stderr if not check else "")
 
 
-@needs_kubectl
 def test_kubectl_end_to_end(threaded: ThreadedAPIServer, tmp_path: Path) -> None:
     kubectl = Kubectl(threaded, tmp_path)
     manifest = widget("w1", mode="fast")
@@ -181,7 +179,6 @@ def test_kubectl_end_to_end(threaded: ThreadedAPIServer, tmp_path: Path) -> None
     assert {p.verb for p in used} >= {"get", "list", "watch", "create", "patch", "delete"}
 
 
-@needs_kubectl
 def test_kubectl_applies_crds_and_namespaces(threaded: ThreadedAPIServer, tmp_path: Path) -> None:
     kubectl = Kubectl(threaded, tmp_path)
     crd = {

@@ -9,11 +9,11 @@ import pytest
 
 from blockpull import pull as protocol
 from blockpull import stream
-from blockpull.chain import read_chain
-from blockpull.driver import Outcome, Result
+from blockpull.chain import read_chain, read_graph
+from blockpull.driver import Outcome, Result, StreamRequest
 from blockpull.errors import BaseNotInChain, Disconnected, DiskBusy, DiskNotFound
 from blockpull.qmp import QMPConnection
-from qemulab import EIO, AttachMode, Chain, Disk, InjectError, QemuVM, backing_names
+from qemulab import EIO, AttachMode, Chain, Disk, InjectError, QemuVM, backing_chain, backing_names
 from qemulab.patterns import MiB
 from qemulab.pytest_plugin import ChainFactory, VMFactory
 
@@ -288,3 +288,26 @@ async def test_completed_pull_is_durable_even_if_qemu_is_killed_after(
     vm.kill(signal.SIGKILL)  # waits (10 s at most) until QEMU is gone
     assert backing_names(chain4.top) == []
     assert_intact(chain4)
+
+
+async def test_a_job_held_at_pending_leaves_the_chain_intact_and_node_listing_safe(
+    vm: QemuVM, conn: QMPConnection, chain4: Chain
+) -> None:
+    """Measured on QEMU 7.2: `query-named-block-nodes` with a stream job at `pending` (auto-
+    finalize off) does not crash QEMU; the chain changes only at `job-finalize`."""
+    top = vm.disks[0].top
+    await stream.start_stream(conn, StreamRequest(disk=top, job_id="held"))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while not (job := await stream.progress(conn, "held")).pending:
+        assert loop.time() < deadline, job
+        await asyncio.sleep(0.05)
+    async with conn.graph_lock:
+        graph = await read_graph(conn)
+    assert graph.complete, "the full node listing was sent"
+    assert vm.alive
+    assert len((await read_chain(conn, top)).images) == 4, "chain unchanged while pending"
+    assert backing_chain(chain4.top, force_share=True) == [str(p) for p in reversed(chain4.images)]
+    outcome = await settle(conn, "held")
+    assert outcome.ok and len((await read_chain(conn, top)).images) == 1
+    assert vm.alive

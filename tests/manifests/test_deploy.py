@@ -154,11 +154,18 @@ def test_socket_directory_is_the_hosts(pod: Doc, container: Doc) -> None:
 
 def test_liveness_probe_hits_the_agents_health_endpoint(container: Doc) -> None:
     probe = container["livenessProbe"]
-    (port,) = container["ports"]
+    port = {p["name"]: p for p in container["ports"]}["healthz"]
     assert port == {"name": "healthz", "containerPort": 8080, "protocol": "TCP"}
     assert probe["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert _env(container)["BLOCKPULL_LIVENESS_PORT"]["value"] == str(port["containerPort"])
     assert probe["initialDelaySeconds"] > 0 and probe["failureThreshold"] >= 3
+
+
+def test_metrics_port_is_named_and_matches_the_agents(container: Doc) -> None:
+    ports = {p["name"]: p for p in container["ports"]}
+    assert set(ports) == {"healthz", "metrics"}
+    assert ports["metrics"] == {"name": "metrics", "containerPort": 8081, "protocol": "TCP"}
+    assert _env(container)["BLOCKPULL_METRICS_PORT"]["value"] == str(ports["metrics"]["containerPort"])
 
 
 def test_resources(container: Doc) -> None:

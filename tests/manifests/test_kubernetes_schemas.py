@@ -22,6 +22,10 @@ NOT_IN_KUBERNETES_SCHEMAS = {
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"),  # rendered below instead
     ("kustomize.config.k8s.io/v1alpha1", "Component"),  # rendered in test_deploy_libvirt.py
     ("blockpull.dev/v1alpha1", "BlockPull"),  # validated against the CRD in test_crd.py
+    # The Prometheus Operator's kinds (deploy/monitoring): not Kubernetes' own schemas;
+    # tests/unit/test_metrics_alerts.py checks them against the DaemonSet and promtool.
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
 EXPECTED_OBJECTS = {
     ("Namespace", None, "blockpull-system"),

@@ -298,6 +298,7 @@ class AgentProcess:
         self.socket_dir = socket_dir
         self.log_path = log_path
         self.port = free_port()
+        self.metrics_port = free_port()
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("BLOCKPULL_", "KUBERNETES_"))},
             "KUBECONFIG": str(cluster.kubeconfig_for(self.user)),
@@ -311,6 +312,8 @@ class AgentProcess:
             "BLOCKPULL_DELETE_TIMEOUT": "5",
             "BLOCKPULL_VM_GONE_GRACE": "3",
             "BLOCKPULL_LIVENESS_PORT": str(self.port),
+            # Never the default (8081): agents of one test, or of other runs, would collide.
+            "BLOCKPULL_METRICS_PORT": str(self.metrics_port),
             "BLOCKPULL_LOG_LEVEL": "DEBUG",
             "PYTHONUNBUFFERED": "1",
         }

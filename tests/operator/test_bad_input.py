@@ -5,11 +5,14 @@ the agent's start-up where the node is misconfigured."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from harness import (
+    AgentFactory,
     AgentProcess,
     Namespace,
     VMFactory,
@@ -126,3 +129,25 @@ def test_agent_refuses_to_start_without_a_node_name() -> None:
     result = run_process([sys.executable, "-m", "blockpull.agent"], env=env)
     assert result.returncode == 2
     assert "NODE_NAME" in result.stderr
+
+
+def test_a_stale_socket_is_said_once_in_the_log_not_every_retry(
+    ns: Namespace, agent_factory: AgentFactory, sockets: Path
+) -> None:
+    """QEMU gone, its socket file left behind (connection refused): the object waits Pending and
+    the agent's log says so once, naming the object and the socket, not on every retry."""
+    agent = agent_factory(BLOCKPULL_PENDING_BACKOFF_MAX="0.2", BLOCKPULL_LOG_LEVEL="INFO")
+    path = socket_path(sockets, ns.name, "gone")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays; nobody listens
+    ns.create("stale", nodeName="node-a", vm="gone", disk="vda")
+    status = ns.wait_reason("stale", "Pending", "QEMUUnavailable")
+    assert str(path) in status["message"], status
+    time.sleep(3)  # about fifteen retries at this backoff
+    log = agent.log()
+    mentions = [line for line in log.splitlines() if str(path) in line]
+    assert len(mentions) == 1 and f"{ns.name}/stale" in mentions[0], mentions
+    assert " ERROR " not in log, log[-3000:]
+    assert "qemu.qmp" not in log

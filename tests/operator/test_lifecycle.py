@@ -43,7 +43,10 @@ def test_full_pull_completes_with_every_status_field(
     assert status["startTime"] <= status["completionTime"]
     assert status["releasedImages"] == [str(p) for p in reversed(chain4.images[:-1])]
     assert status["message"] == "pulled the data of 3 backing image(s) into the disk (virtual size 64.0 MiB)"
-    assert ns.conditions("flatten") == {"Running": "False", "Completed": "True", "Failed": "False"}
+    assert ns.conditions("flatten") == {
+        "Running": "False", "Completed": "True", "Failed": "False",
+        "Reconciling": "False", "Stalled": "False", "Ready": "True",
+    }  # fmt: skip
     completed = ns.condition("flatten", "Completed")
     assert completed["reason"] == "Completed" and completed["observedGeneration"] == 1
     ns.assert_event_reasons("flatten", ["Started", "Completed"])
@@ -76,7 +79,10 @@ def test_waiting_for_vm_then_starts_by_itself_when_the_vm_appears(
     ns.create("early", nodeName="node-a", vm="web-2", disk="disk0-fmt3")
     status = ns.wait_reason("early", "Pending", "WaitingForVM")
     assert status["message"].startswith("no QMP socket at "), status
-    assert ns.conditions("early") == {"Running": "False", "Completed": "False", "Failed": "False"}
+    assert ns.conditions("early") == {
+        "Running": "False", "Completed": "False", "Failed": "False",
+        "Reconciling": "True", "Stalled": "False", "Ready": "False",
+    }  # fmt: skip
     assert ns.condition("early", "Running")["reason"] == "WaitingForVM"
     assert "jobId" not in status and "startTime" not in status
 
@@ -139,7 +145,10 @@ def test_io_error_fails_with_qemus_message_and_leaves_the_chain_intact(
         "IOError",
         "Input/output error",
     )
-    assert ns.conditions("eio") == {"Running": "False", "Completed": "False", "Failed": "True"}
+    assert ns.conditions("eio") == {
+        "Running": "False", "Completed": "False", "Failed": "True",
+        "Reconciling": "False", "Stalled": "True", "Ready": "False",
+    }  # fmt: skip
     ns.assert_event_reasons("eio", ["Started", "Failed"])
     events = ns.events("eio")
     assert [(e["type"], e["reason"]) for e in events] == [("Normal", "Started"), ("Warning", "Failed")]
@@ -191,7 +200,10 @@ def test_a_vm_name_too_long_for_the_socket_template_fails_invalid_spec(
     status = ns.wait_phase("toolong", "Completed", "Failed")
     assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec"), status
     assert "bytes long; unix socket paths allow at most 107" in status["message"], status
-    assert ns.conditions("toolong") == {"Running": "False", "Completed": "False", "Failed": "True"}
+    assert ns.conditions("toolong") == {
+        "Running": "False", "Completed": "False", "Failed": "True",
+        "Reconciling": "False", "Stalled": "True", "Ready": "False",
+    }  # fmt: skip
     ns.assert_event_reasons("toolong", ["Failed"])
     failed = ns.events("toolong")[-1]
     assert (failed["type"], failed["reason"]) == ("Warning", "Failed")

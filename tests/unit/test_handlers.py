@@ -1,12 +1,23 @@
-"""The kopf edge's settings: the per-node field selector must reach the BlockPull watch."""
+"""The kopf edge: the per-node field selector must reach the BlockPull watch, and the error
+tree maps onto kopf's temporary and permanent errors in one place."""
 
 from __future__ import annotations
 
 import kopf
+import pytest
 from kopf._cogs.structs import references
 
-from blockpull.agent.handlers import FINALIZER, configure
+from blockpull.agent.handlers import FINALIZER, RETRY_DELAY, configure, kopf_error
+from blockpull.agent.kube import KubeAPIError
 from blockpull.agent.settings import AgentSettings
+from blockpull.errors import (
+    BlockPullError,
+    CommandFailed,
+    DiskBusy,
+    InvalidSpec,
+    QEMUUnavailable,
+    VMExited,
+)
 
 
 def _blockpulls() -> references.Resource:
@@ -28,3 +39,21 @@ def test_the_node_field_selector_applies_to_blockpulls_only() -> None:
     assert settings.watching.field_selectors.collect(events) == []
     assert settings.peering.standalone is True
     assert settings.persistence.finalizer == FINALIZER
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "retried"),
+    [
+        (QEMUUnavailable("QEMU does not answer"), kopf.TemporaryError, True),
+        (DiskBusy("busy"), kopf.TemporaryError, True),
+        (KubeAPIError("API away"), kopf.TemporaryError, True),
+        (InvalidSpec("bad"), kopf.PermanentError, False),
+        (VMExited("gone"), kopf.PermanentError, False),
+        (CommandFailed("refused"), kopf.PermanentError, False),
+    ],
+)
+def test_the_error_tree_maps_onto_kopf_at_the_edge(error: BlockPullError, kind: type, retried: bool) -> None:
+    mapped = kopf_error(error)
+    assert type(mapped) is kind and str(mapped) == error.message
+    if retried:
+        assert isinstance(mapped, kopf.TemporaryError) and mapped.delay == RETRY_DELAY

@@ -49,6 +49,31 @@ def test_pending_then_running_then_completed() -> None:
             "lastTransitionTime": "2026-11-25T10:00:00Z",
             "observedGeneration": 2,
         },
+        # The kstatus condition types (contract: "Status that GitOps tools read correctly").
+        {
+            "type": "Reconciling",
+            "status": "True",
+            "reason": "WaitingForVM",
+            "message": "no socket",
+            "lastTransitionTime": "2026-11-25T10:00:00Z",
+            "observedGeneration": 2,
+        },
+        {
+            "type": "Stalled",
+            "status": "False",
+            "reason": "Pending",
+            "message": "phase is Pending",
+            "lastTransitionTime": "2026-11-25T10:00:00Z",
+            "observedGeneration": 2,
+        },
+        {
+            "type": "Ready",
+            "status": "False",
+            "reason": "Pending",
+            "message": "phase is Pending",
+            "lastTransitionTime": "2026-11-25T10:00:00Z",
+            "observedGeneration": 2,
+        },
     ]
     running = _build(
         pending,

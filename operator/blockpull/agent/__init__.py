@@ -8,5 +8,6 @@
 - `vms`: one shared QMP connection per VM.
 - `runner`: one object's lifecycle against QEMU.
 - `manager`: all objects of the node: runners, TTL, deletion.
+- `metrics`: the Prometheus metrics of the node's jobs.
 - `handlers`: the thin kopf layer.
 """

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kopf
+
+if TYPE_CHECKING:  # the client object is built by blockpull.agent.kube
+    import kubernetes
 
 from blockpull.agent import status as st
 from blockpull.agent.kube import GROUP, PLURAL, VERSION
 from blockpull.agent.manager import Agent
 from blockpull.agent.settings import AgentSettings
-from blockpull.errors import PermanentError, TransientError
+from blockpull.errors import BlockPullError
 
 FINALIZER = "blockpull.dev/agent"
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -65,6 +68,17 @@ def _unfinished(status: kopf.Status, **_: Any) -> bool:
     return not st.is_terminal(status)
 
 
+#: How soon kopf retries a delete that hit a transient problem (QEMU busy, the API away).
+RETRY_DELAY = 2
+
+
+def kopf_error(exc: BlockPullError) -> kopf.TemporaryError | kopf.PermanentError:
+    """The edge's one mapping of the error tree: waiting is a retry, the rest gives up."""
+    if exc.retryable:
+        return kopf.TemporaryError(exc.message, delay=RETRY_DELAY)
+    return kopf.PermanentError(exc.message)
+
+
 def build_registry(
     get_agent: Callable[[], Agent],
     agent_settings: AgentSettings,
@@ -94,13 +108,31 @@ def build_registry(
     async def abort(body: kopf.Body, **_: Any) -> None:
         try:
             await get_agent().delete(body)
-        except TransientError as exc:
-            raise kopf.TemporaryError(exc.message, delay=2) from exc
-        except PermanentError as exc:
-            raise kopf.PermanentError(exc.message) from exc
+        except BlockPullError as exc:
+            raise kopf_error(exc) from exc
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
         await get_agent().shutdown()
 
     return registry
+
+
+def connection_info(api_client: kubernetes.client.ApiClient) -> kopf.ConnectionInfo:
+    """kopf's view of the official client's configuration (server, TLS, token or certificate)."""
+    config = api_client.configuration
+    # The client keeps the token under "BearerToken" (kubernetes >= 36) or "authorization";
+    # reading it through get_api_key_with_prefix runs the in-cluster token refresh hook.
+    header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix("authorization")
+    scheme, token = header.split(" ", 1) if header and " " in header else (None, header or None)
+    return kopf.ConnectionInfo(
+        server=config.host,
+        ca_path=config.ssl_ca_cert,
+        insecure=not config.verify_ssl,
+        username=config.username or None,
+        password=config.password or None,
+        scheme=scheme,
+        token=token or None,
+        certificate_path=config.cert_file,
+        private_key_path=config.key_file,
+    )

@@ -13,6 +13,7 @@ import concurrent.futures
 import datetime
 import functools
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from blockpull.errors import TransientError
+from blockpull.errors import BlockPullError, InvalidSpec
 
 GROUP, VERSION, PLURAL, KIND = "blockpull.dev", "v1alpha1", "blockpulls", "BlockPull"
 log = logging.getLogger(__name__)
@@ -41,8 +42,11 @@ class ObjectRef:
         return f"{self.namespace}/{self.name}"
 
 
-class KubeAPIError(TransientError):
-    """The Kubernetes API did not take a call; retried, never mistaken for a VM problem."""
+class KubeAPIError(BlockPullError):
+    """The Kubernetes API did not take a call; retried, never mistaken for a VM problem (it
+    is not a `TransientError`, which means "the VM is not ready")."""
+
+    retryable = True
 
     reason = "APIUnavailable"
 
@@ -141,3 +145,23 @@ def _gone(exc: ApiException) -> bool:
     return (
         exc.status == 404 or "Precondition failed" in str(exc.body) or "UID in precondition" in str(exc.body)
     )
+
+
+def api_client_from_environment() -> kubernetes.client.ApiClient:
+    """The official client, from the service account in a pod or from KUBECONFIG; a broken
+    configuration is one clear line (InvalidSpec), not the client's traceback."""
+    kubeconfig = os.environ.get("KUBECONFIG")
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
+            kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+            return kubernetes.client.ApiClient()
+        # Pass the path explicitly: kubernetes.config reads $KUBECONFIG at import time.
+        return kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call,no-any-return]
+            config_file=kubeconfig
+        )
+    except Exception as exc:  # the client raises ConfigException, OSError, YAML errors...
+        where = (
+            f"KUBECONFIG={kubeconfig}" if kubeconfig else "the in-cluster service account or ~/.kube/config"
+        )
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise InvalidSpec(f"cannot load the Kubernetes client configuration from {where}: {detail}") from exc

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from blockpull.agent import status as st
 from blockpull.agent.kube import Gone, KubeAPI, KubeAPIError, ObjectRef
@@ -20,7 +20,19 @@ log = logging.getLogger(__name__)
 _WRITE_ATTEMPTS = 6
 
 
+class Reporter(Protocol):
+    """Where the runner's view of the object goes (the status subresource and Events)."""
+
+    async def transition(self, view: st.StatusView) -> None: ...
+    async def progress(self, view: st.StatusView) -> None: ...
+    async def event(self, kind: str, reason: str, message: str) -> None: ...
+    @property
+    def status(self) -> Mapping[str, Any]: ...
+
+
 class ObjectReporter:
+    """The `Reporter` of one object, writing through the agent's `KubeAPI`."""
+
     def __init__(
         self,
         kube: KubeAPI,

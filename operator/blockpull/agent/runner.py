@@ -1,8 +1,10 @@
 """The life of one BlockPull on its node: wait, start or re-attach, follow, steer, finish.
 
 Owns: the lifecycle from the contract, for one object, as plain asyncio code with no kopf in
-it. It only talks to QEMU through `blockpull.stream` and to Kubernetes through a `Reporter`,
-so it can be driven by kopf handlers, or by a test, the same way.
+it. It reaches the VM through a block-job driver (`blockpull.driver`) and the protocol
+sequences written once in `blockpull.pull`; Kubernetes only through a `Reporter`; what the
+status says comes from `blockpull.agent.views`, live steering from `blockpull.agent.steering`.
+So it can be driven by the kopf handlers, or by a test with fakes, the same way.
 
 Rules it keeps:
 - The job id is derived from the object's uid, so a job started just before a crash is found
@@ -20,17 +22,22 @@ import asyncio
 import contextlib
 import datetime
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from blockpull import pull as protocol
 from blockpull.agent import status as st
-from blockpull.agent.kube import KubeAPIError, ObjectRef
+from blockpull.agent import views
+from blockpull.agent.kube import ObjectRef
+from blockpull.agent.metrics import AgentMetrics
+from blockpull.agent.outcomes import OutcomeWriter
+from blockpull.agent.record import PullRecord, job_id_for
+from blockpull.agent.reporter import Reporter
 from blockpull.agent.settings import AgentSettings
 from blockpull.agent.spec import PullSpec
+from blockpull.agent.steering import Steering
 from blockpull.agent.vms import VMs
-from blockpull.driver import BlockJobDriver, ChainImage, Outcome, Progress, Result, StreamRequest
+from blockpull.driver import BlockJobDriver, Outcome, Progress, StreamRequest
 from blockpull.errors import (
     BlockPullError,
     DeadlineExceeded,
@@ -42,19 +49,8 @@ from blockpull.errors import (
     TransientError,
     VMExited,
 )
-from blockpull.quantity import format_bytes, progress_text
 
 log = logging.getLogger(__name__)
-
-
-class Reporter(Protocol):
-    """Where the runner's view of the object goes (the status subresource and Events)."""
-
-    async def transition(self, view: st.StatusView) -> None: ...
-    async def progress(self, view: st.StatusView) -> None: ...
-    async def event(self, kind: str, reason: str, message: str) -> None: ...
-    @property
-    def status(self) -> Mapping[str, Any]: ...
 
 
 @dataclass
@@ -67,23 +63,14 @@ class ObjectState:
     created: datetime.datetime
 
 
-class _Aborted(Exception):
-    """Deletion asked the runner to stop."""
-
-
 class _HeldPaused(TransientError):
     """Created with spec.paused: QEMU cannot start a job paused, so it is not started yet."""
 
     reason = "Paused"
 
 
-# completionTime is when the agent learned the outcome: QEMU keeps no time for a concluded job.
-_UNWATCHED = "the job ended while the agent was not watching; completionTime is when it was seen"
-
-
-def job_id_for(uid: str) -> str:
-    # Derived from the uid: unique per object and recomputable after an agent restart.
-    return f"blockpull-{uid}"
+#: Collects an ended job of this agent whose object is gone; True when it did (the manager's).
+OrphanCollector = Callable[[BlockJobDriver, Progress], Awaitable[bool]]
 
 
 class PullRunner:
@@ -93,33 +80,51 @@ class PullRunner:
         reporter: Reporter,
         vms: VMs,
         settings: AgentSettings,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.state = state
         self.reporter = reporter
         self.vms = vms
         self.settings = settings
-        self.job_id = str(reporter.status.get("jobId") or job_id_for(state.ref.uid))
+        self.metrics = metrics or AgentMetrics(settings.node_name)
+        self.job_id = self.record.job_id or job_id_for(state.ref.uid)
+        self.steering = Steering(state.ref, self.job_id, reporter.event)
+        self.outcomes = OutcomeWriter(state.ref, reporter, self.metrics, lambda: self.record)
         self._changed = asyncio.Event()
         self._abort = asyncio.Event()
-        self._applied_bandwidth: int | None = None
-        self._applied_paused: bool | None = None
-        #: spec.paused asks for a pause the driver cannot do (libvirt): the job keeps running.
-        self._pause_unsupported = False
+        #: How a deletion's cancel ended (a Result value, or "timeout"); None: not confirmed.
         self.abort_outcome: str | None = None
         self._trouble: str | None = None  # the last reason QEMU could not be reached
-        self._ended_unwatched = False  # re-attached to a job that had already ended
+        #: The newest spec generation that could not be applied, and why (see `reject`).
+        self._rejected: views.Rejected = None
+        self._warning: asyncio.Future[None] | None = None
+        self._ended_unwatched = False  # re-attached to a job that had already concluded
         #: The job has ended and its outcome is being written and the job dismissed: a
         #: shutdown lets this finish (briefly) rather than leave a concluded job in QEMU.
         self.finishing = False
-        #: Set by the manager: collects an ended job of this agent whose object is gone
-        #: (returns True when it did), so that it never holds a disk forever.
-        self.collect_orphan: Callable[[BlockJobDriver, Progress], Awaitable[bool]] | None = None
+        self.collect_orphan: OrphanCollector | None = None
+
+    @property
+    def record(self) -> PullRecord:
+        """The pull as its `.status` records it now."""
+        return PullRecord.parse(self.reporter.status)
 
     # --- inputs from the manager ------------------------------------------------------------
 
     def update(self, spec: PullSpec, generation: int) -> None:
         self.state.spec = spec
         self.state.generation = generation
+        self._rejected = None
+        self._changed.set()
+
+    def reject(self, generation: int, problem: str) -> None:
+        """A spec edit the agent cannot apply: keep the last valid spec, say why once (an Event,
+        a log line) and keep saying it in the status until a valid edit replaces it."""
+        if self._rejected is not None and self._rejected[0] == generation:
+            return
+        self._rejected = (generation, problem)
+        log.warning("%s: spec generation %d not applied: %s", self.state.ref, generation, problem)
+        self._warning = asyncio.ensure_future(self.reporter.event("Warning", "InvalidSpec", problem))
         self._changed.set()
 
     def request_abort(self) -> None:
@@ -128,100 +133,106 @@ class PullRunner:
     # --- the lifecycle ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        if st.is_terminal(self.reporter.status):
+        if self.record.terminal:
             return
+        await self._announce()
         try:
             await self._run()
-        except _Aborted:
-            await self._warn_if_unconfirmed()
-            return
         except PermanentError as exc:
             await self._fail(exc.reason, exc.message)
+            return
+        if self._abort.is_set():
+            await self._warn_if_unconfirmed()
+
+    async def _announce(self) -> None:
+        """A new object's first status, before any QMP work: until an object has status,
+        kstatus (Flux, kpt) reads it as done, so that window must be as short as can be."""
+        if not self.reporter.status:
+            await self._pending("Starting", "the agent is connecting to the VM's QEMU")
 
     async def _run(self) -> None:
+        """Until the pull has an outcome, or a deletion stopped it (returns), or it cannot
+        succeed (PermanentError)."""
         spec = self.state.spec
         namespace = self.state.ref.namespace
         self.vms.locate(namespace, spec.vm)  # InvalidSpec (names that cannot be reached) fails at once
         backoff = 0.5
-        vm_gone_since: float | None = None
+        gone_since: float | None = None
         loop = asyncio.get_running_loop()
-        while True:
-            self._check_abort()
+        while not self._abort.is_set():
             self._check_deadline()
             try:
                 driver = await self.vms.driver_for(namespace, spec.vm)
-                await self._ensure_job(driver)
-                vm_gone_since = None
-                await self._follow(driver)
+                if await self._attach_or_start(driver):
+                    await self._follow(driver)
                 return
-            except Disconnected as exc:
+            except TransientError as exc:  # the VM is not ready (API trouble goes to the manager)
                 self._trouble = exc.message
-                # QEMU went away mid-job. It may come back (a restart of the VM's QEMU): keep
-                # trying within the grace period, then record VMExited.
-                vm_gone_since = vm_gone_since or loop.time()
-                await self._wait_for_vm_return(exc, loop.time() - vm_gone_since)
-            except KubeAPIError:
-                raise  # the API, not the VM: the manager retries the whole runner
-            except TransientError as exc:
-                self._trouble = exc.message
-                if vm_gone_since is not None:
-                    await self._wait_for_vm_return(exc, loop.time() - vm_gone_since)
-                else:
+                if isinstance(exc, Disconnected):
+                    # QEMU went away mid-job. It may come back (a restart of the VM's QEMU):
+                    # keep trying within the grace period, then record VMExited.
+                    gone_since = gone_since or loop.time()
+                if gone_since is None:
                     await self._pending(exc.reason, exc.message)
+                else:
+                    await self._wait_for_vm_return(exc, loop.time() - gone_since)
             await self._sleep(backoff)
             backoff = min(backoff * 2, self.settings.pending_backoff_max)
 
-    async def _warn_if_unconfirmed(self) -> None:
-        """Deleted while QEMU could not be asked to cancel a job we had started: say so."""
-        if (
-            not self._abort.is_set()  # not a deletion: the pull ended some other way
-            or self.abort_outcome is not None
-            or not self.reporter.status.get("startTime")
-        ):
-            return  # QEMU confirmed (or timed out, already reported), or no job was ever started
-        await self.reporter.event(
-            "Warning",
-            "AbortUnconfirmed",
-            f"deleted while QEMU could not be reached ({self._trouble or 'no answer'}); the finalizer "
-            f"is removed without QEMU confirming that job {self.job_id} is cancelled",
-        )
-
     async def _wait_for_vm_return(self, exc: BlockPullError, gone_for: float) -> None:
-        if gone_for >= self.settings.vm_gone_grace:
+        grace = self.settings.vm_gone_grace
+        if gone_for >= grace:
             raise VMExited(
-                f"QEMU went away during the pull and did not come back within "
-                f"{self.settings.vm_gone_grace:g}s ({exc.message})"
+                f"QEMU went away during the pull and did not come back within {grace:g}s ({exc.message})"
             )
         await self._pending(
             QEMUUnavailable.reason,
-            f"QEMU went away during the pull; waiting up to {self.settings.vm_gone_grace:g}s "
-            f"for it to return ({exc.message})",
+            f"QEMU went away during the pull; waiting up to {grace:g}s for it to return ({exc.message})",
         )
 
-    async def _ensure_job(self, driver: BlockJobDriver) -> None:
-        """Re-attach to our job if QEMU has it; otherwise start it (once)."""
+    async def _attach_or_start(self, driver: BlockJobDriver) -> bool:
+        """Re-attach to our job if the VM has it, otherwise start it (once). False when there
+        is nothing to follow: the pull turned out to be finished already."""
         job = await driver.find_job(self.job_id)
         if job is not None:
             # A job held at `pending` waited for us with the chain intact; only a concluded one
             # ended without anyone watching.
             self._ended_unwatched = job.concluded
             log.info("%s: re-attached to job %s (%s)", self.state.ref, self.job_id, protocol.job_state(job))
-            if not job.concluded and "chain" not in self.reporter.status:
-                await self._record_chain(driver)
-            return
+            started = self.record.start_time
+            self.metrics.job_started(
+                self.state.ref, offset=job.offset, started_at=started.timestamp() if started else None
+            )
+            if not job.concluded and not self.record.chain:
+                with contextlib.suppress(TransientError, PermanentError):
+                    chain = await driver.chain(self.state.spec.disk)
+                    view = views.reattached(
+                        self.job_id, chain, self.state.spec.base, self.record.phase or st.RUNNING
+                    )
+                    await self.reporter.transition(view)
+            return True
+        if self.record.started and not await self._restart_lost_job(driver):
+            return False
+        await self._start(driver)
+        return True
+
+    async def _restart_lost_job(self, driver: BlockJobDriver) -> bool:
+        """The VM no longer knows the job we started (dismissed by someone else, or QEMU
+        restarted): the disk's chain says whether the pull is done. True: start it again."""
         spec = self.state.spec
-        had_started = self.reporter.status.get("phase") in (st.RUNNING, st.PAUSED) or bool(
-            self.reporter.status.get("startTime")
+        if await driver.pulled(spec.disk, self.record.base_node or spec.base):
+            await self.outcomes.completed(None, "the pull finished while the agent was away")
+            return False
+        await self.reporter.event(
+            "Warning",
+            "Restarted",
+            "QEMU no longer knows the job and the disk still needs its backing images (QEMU "
+            "restarted?); starting the pull again",
         )
-        if had_started:
-            # QEMU no longer knows the job we started: it was dismissed, or QEMU restarted.
-            if await driver.pulled(spec.disk, self._base_for_judging()):
-                await self._complete(None, "the pull finished while the agent was away")
-                raise _Aborted
-            await self.reporter.event(
-                "Warning", "Restarted", "QEMU no longer knows the job and the disk still needs its backing "
-                "images (QEMU restarted?); starting the pull again",
-            )  # fmt: skip
+        return True
+
+    async def _start(self, driver: BlockJobDriver) -> None:
+        spec = self.state.spec
         if spec.paused:
             # Starting then pausing would copy some data first; wait for paused=false instead.
             raise _HeldPaused("spec.paused is true: the pull starts when it is set to false")
@@ -235,66 +246,17 @@ class PullRunner:
         try:
             started = await driver.start(request)
         except DiskBusy as exc:
-            raise await self._explain_busy(driver, exc) from exc
-        self._applied_bandwidth = spec.bandwidth
-        self._applied_paused = False
+            raise await explain_busy(
+                driver, spec.disk, exc, node=self.settings.node_name, collect_orphan=self.collect_orphan
+            ) from exc
+        self.steering.started(paused=False)
         await self.reporter.transition(
-            st.StatusView(
-                phase=st.RUNNING,
-                reason="Streaming",
-                message=f"streaming {spec.disk} from {len(started.released_images)} backing image(s)",
-                job_id=self.job_id,
-                target={"node": started.device, "base": started.base_node},
-                chain=_chain_entries(started.chain),
-                # 0.00% at once (a blank PROGRESS column reads as "nothing known").
-                offset=0,
-                length=started.chain[0].virtual_size if started.chain else 0,
-                bandwidth=spec.bandwidth,
-                start_time=st.now_rfc3339(),
-            )
+            views.started(self.job_id, spec.disk, started, spec.bandwidth, st.now_rfc3339())
         )
+        self.metrics.job_started(self.state.ref)
         await self.reporter.event("Normal", "Started", f"started QEMU job {self.job_id} on {spec.disk}")
 
-    async def _explain_busy(self, driver: BlockJobDriver, exc: DiskBusy) -> DiskBusy:
-        """Name the jobs holding the disk; collect an ended one of this agent's, whose object is
-        gone (its id is derived from a uid no object has any more)."""
-        try:
-            jobs = await driver.blocking_jobs(self.state.spec.disk)
-        except BlockPullError:
-            return exc
-        for job in jobs:
-            if job.ended and self.collect_orphan is not None and await self.collect_orphan(driver, job):
-                return DiskBusy(f"collected the ended job {job.job_id} of a deleted BlockPull; retrying")
-        return DiskBusy(
-            protocol.busy_message(
-                self.state.spec.disk,
-                jobs,
-                lambda job: f"on node {self.settings.node_name} run `{driver.collect_command(job)}`",
-            )
-        )
-
-    async def _record_chain(self, driver: BlockJobDriver) -> None:
-        # Re-attached after a restart that happened before the chain was written: the chain is
-        # still whole while the job runs (or waits at pending), so read it now for
-        # releasedImages later.
-        with contextlib.suppress(TransientError, PermanentError):
-            chain = await driver.chain(self.state.spec.disk)
-            base = self.state.spec.base
-            base_node = next((i.node for i in chain[1:] if base in (i.node, i.filename)), None)
-            await self.reporter.transition(
-                st.StatusView(
-                    phase=self._phase_now(),
-                    reason="Streaming",
-                    message="re-attached to the running job",
-                    job_id=self.job_id,
-                    chain=_chain_entries(chain),
-                    target={"node": chain[0].node, "base": base_node},
-                )
-            )
-
-    def _base_for_judging(self) -> str | None:
-        target = self.reporter.status.get("target") or {}
-        return str(target.get("base") or "") or self.state.spec.base
+    # --- following a job ----------------------------------------------------------------------
 
     async def _follow(self, driver: BlockJobDriver) -> None:
         try:
@@ -305,18 +267,17 @@ class PullRunner:
     async def _vanished(self, driver: BlockJobDriver) -> None:
         """Our job disappeared from a QEMU that is still there: someone else dismissed it."""
         self.finishing = True
-        if await driver.pulled(self.state.spec.disk, self._base_for_judging()):
-            await driver.make_durable((self.reporter.status.get("target") or {}).get("node"))
-            await self._complete(None, "the job was dismissed outside BlockPull after it completed")
+        if await driver.pulled(self.state.spec.disk, self.record.base_node or self.state.spec.base):
+            await driver.make_durable(self.record.device)
+            await self.outcomes.completed(None, "the job was dismissed outside BlockPull after it completed")
             return
         await self._fail(
-            "Cancelled",
-            "the QEMU job disappeared (cancelled and dismissed outside BlockPull); chain intact",
+            "Cancelled", "the QEMU job disappeared (cancelled and dismissed outside BlockPull); chain intact"
         )
 
     async def _follow_job(self, driver: BlockJobDriver) -> None:
         """Follow the job to its end, applying spec changes, deadline and abort on the way."""
-        await self._apply_spec(driver, initial=True)
+        await self._steer(driver, initial=True)
         waiter = asyncio.create_task(
             protocol.follow(
                 driver, self.job_id, on_progress=self._on_progress, poll_interval=self.settings.poll_interval
@@ -324,29 +285,18 @@ class PullRunner:
         )
         try:
             while True:
-                changed = asyncio.create_task(self._changed.wait())
-                abort = asyncio.create_task(self._abort.wait())
-                timeout = self._seconds_to_deadline()
-                try:
-                    done, _ = await asyncio.wait(
-                        {waiter, changed, abort}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    # Also when the runner itself is cancelled (agent shutdown): a leaked wait
-                    # task makes kopf wait for "hung tasks" before the process can exit.
-                    changed.cancel()
-                    abort.cancel()
-                if waiter in done:
-                    await self._finish(driver, waiter.result())
+                woke = await self._wait(self._seconds_to_deadline(), waiter)
+                if waiter.done():
+                    waiter.result()  # a vanished job (JobNotFound) or a lost VM propagates
+                    await self._finish(driver)
                     return
-                if abort in done:
+                if self._abort.is_set():
                     await self._cancel_and_finish(driver, reason=None)
-                    raise _Aborted
-                if changed in done:
+                    return
+                if woke:
                     self._changed.clear()
-                    await self._apply_spec(driver, initial=False)
-                    continue
-                if self._seconds_to_deadline() == 0:
+                    await self._steer(driver, initial=False)
+                elif self._seconds_to_deadline() == 0:
                     await self._cancel_and_finish(driver, reason=DeadlineExceeded.reason)
                     return
         finally:
@@ -355,43 +305,26 @@ class PullRunner:
                 with contextlib.suppress(asyncio.CancelledError, BlockPullError):
                     await waiter
 
-    async def _apply_spec(self, driver: BlockJobDriver, *, initial: bool) -> None:
+    async def _wait(self, timeout: float | None, job_end: asyncio.Task[Progress] | None = None) -> bool:
+        """Until an abort, a spec change (True), the job's end or the timeout (False)."""
+        changed = asyncio.create_task(self._changed.wait())
+        abort = asyncio.create_task(self._abort.wait())
+        try:
+            waits = {changed, abort} if job_end is None else {changed, abort, job_end}
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also when the runner itself is cancelled (agent shutdown): a leaked wait task
+            # makes kopf wait for "hung tasks" before the process can exit.
+            changed.cancel()
+            abort.cancel()
+        return changed in done
+
+    async def _steer(self, driver: BlockJobDriver, *, initial: bool) -> None:
         spec = self.state.spec
         job = await self._job(driver)
         if job.ended:
             return
-        if job.speed != spec.bandwidth:
-            # Also on re-attach: an edit made while the agent was down is applied now, and said.
-            await driver.set_speed(self.job_id, spec.bandwidth)
-            change = f"bandwidth {_rate(job.speed)} -> {_rate(spec.bandwidth)}"
-            log.info("%s: %s", self.state.ref, change)
-            await self.reporter.event("Normal", "BandwidthChanged", change)
-        self._applied_bandwidth = spec.bandwidth
-        self._pause_unsupported = spec.paused and not driver.can_pause
-        if self._pause_unsupported:
-            # libvirt has no block-job pause: say so (once per request), keep the job running,
-            # never pause it behind the hypervisor API's back.
-            if self._applied_paused is not True:
-                await self.reporter.event(
-                    "Warning",
-                    "PauseUnsupported",
-                    f"spec.paused is true but {driver.describe} cannot pause a block job; it keeps running",
-                )
-        elif spec.paused and not job.paused:
-            await driver.pause(self.job_id)
-            log.info("%s: paused job %s", self.state.ref, self.job_id)
-            await self.reporter.event("Normal", "Paused", "paused the stream (spec.paused=true)")
-        elif not spec.paused and job.paused and job.io_status == "ok":
-            # A job stopped by on-error=stop/enospc is paused with io-status failed/nospace;
-            # resuming it is a retry, which only spec.paused going false->true->false asks for.
-            await driver.resume(self.job_id)
-            log.info("%s: resumed job %s", self.state.ref, self.job_id)
-            await self.reporter.event("Normal", "Resumed", "resumed the stream (spec.paused=false)")
-        elif not spec.paused and job.paused and not initial and self._applied_paused:
-            await driver.resume(self.job_id)
-            log.info("%s: retrying job %s after an I/O error", self.state.ref, self.job_id)
-            await self.reporter.event("Normal", "Resumed", f"retrying after I/O error ({job.io_status})")
-        self._applied_paused = spec.paused
+        await self.steering.apply(driver, job, bandwidth=spec.bandwidth, paused=spec.paused, initial=initial)
         job = await self._job(driver)
         if initial:
             # Right after the Running write: only a phase change (e.g. re-attached to a paused
@@ -408,6 +341,7 @@ class PullRunner:
         return job
 
     async def _on_progress(self, job: Progress) -> None:
+        self.metrics.progress(self.state.ref, job.offset, job.length)
         view = self._running_view(job)
         if view.phase != self.reporter.status.get("phase"):
             await self.reporter.transition(view)
@@ -415,194 +349,128 @@ class PullRunner:
             await self.reporter.progress(view)
 
     def _running_view(self, job: Progress) -> st.StatusView:
-        if job.paused:
-            reason = "Paused" if job.io_status == "ok" else f"PausedOnError{job.io_status.capitalize()}"
-            message = (
-                "paused by spec.paused"
-                if job.io_status == "ok"
-                else f"QEMU paused the job after an I/O error (io-status {job.io_status}, onError "
-                f"{self.state.spec.on_error}); set paused true then false to retry"
-            )
-            phase = st.PAUSED
-        else:
-            phase, reason = st.RUNNING, "Streaming"
-            message = f"streamed {format_bytes(job.offset)} of {format_bytes(job.length)}"
-            if self._pause_unsupported:
-                reason = "PauseUnsupported"
-                message += "; spec.paused is true but the hypervisor API cannot pause a block job"
-        return st.StatusView(
-            phase=phase,
-            reason=reason,
-            message=message,
-            job_id=self.job_id,
-            offset=job.offset,
-            length=job.length,
-            bandwidth=job.speed,
+        return views.running(
+            self.job_id,
+            job,
+            self.state.spec.on_error,
+            self._rejected,
+            pause_unsupported=self.steering.pause_unsupported,
         )
 
-    def _phase_now(self) -> str:
-        return str(self.reporter.status.get("phase") or st.RUNNING)
+    # --- the end --------------------------------------------------------------------------------
+
+    async def _finish(self, driver: BlockJobDriver) -> None:
+        """The job has ended: finalize it durably, record its outcome, dismiss it."""
+        self.finishing = True
+        await protocol.conclude(driver, self.job_id, self.record.device, record=self._record_outcome)
 
     async def _cancel_and_finish(self, driver: BlockJobDriver, *, reason: str | None) -> None:
-        """Cancel the job, wait (bounded) for QEMU to confirm how it ended, and record that."""
+        """Cancel the job (a deletion: `reason` None; or a deadline), wait (bounded) for QEMU
+        to confirm how it ended, and record that."""
         self.finishing = True
-        why = "deleted" if reason is None else reason
-        log.info("%s: cancelling job %s (%s)", self.state.ref, self.job_id, why)
+        log.info("%s: cancelling job %s (%s)", self.state.ref, self.job_id, reason or "deleted")
+        timeout = self.settings.delete_timeout
         ended = await protocol.cancel_and_confirm(
-            driver,
-            self.job_id,
-            timeout=self.settings.delete_timeout,
-            poll_interval=self.settings.poll_interval,
+            driver, self.job_id, timeout=timeout, poll_interval=self.settings.poll_interval
         )
         if ended is None:
             self.abort_outcome = "timeout"
-            message = (
-                f"QEMU did not confirm the cancel of job {self.job_id} within "
-                f"{self.settings.delete_timeout:g}s"
-            )
+            message = f"QEMU did not confirm the cancel of job {self.job_id} within {timeout:g}s"
             log.warning("%s: %s", self.state.ref, message)
             await self.reporter.event("Warning", "CancelTimeout", message)
             return
 
         async def record(outcome: Outcome) -> None:
-            if reason is None:  # deletion: say what really happened, then let the object go
+            if reason is None:
                 self.abort_outcome = outcome.result.value
-                if outcome.result is Result.CANCELLED:
-                    message = f"cancelled QEMU job {self.job_id} at {_percent(outcome)}; chain intact"
-                    log.info("%s: %s", self.state.ref, message)
-                    await self.reporter.event("Normal", "Cancelled", message)
-                    return
-            elif outcome.result is Result.CANCELLED:
-                await self._fail(
-                    reason,
-                    f"activeDeadlineSeconds={self.state.spec.active_deadline_seconds} exceeded; job "
-                    f"cancelled at {_percent(outcome)}, chain intact",
-                    outcome,
-                )
-                return
-            await self._record_outcome(outcome)  # it had completed (or failed) before the cancel
+            await self.outcomes.cancel_confirmed(
+                outcome,
+                deadline=None if reason is None else self.state.spec.active_deadline_seconds,
+                unwatched=self._ended_unwatched,
+            )
 
-        await protocol.conclude(driver, self.job_id, self._device(), record=record)
-
-    async def _finish(self, driver: BlockJobDriver, ended: Progress) -> None:
-        """The job has ended: finalize it durably, record its outcome, dismiss it."""
-        self.finishing = True
-        await protocol.conclude(driver, self.job_id, self._device(), record=self._record_outcome)
-
-    def _device(self) -> str | None:
-        node = (self.reporter.status.get("target") or {}).get("node")
-        return str(node) if node else None
+        await protocol.conclude(driver, self.job_id, self.record.device, record=record)
 
     async def _record_outcome(self, outcome: Outcome) -> None:
-        if outcome.result is Result.COMPLETED:
-            await self._complete(outcome, _UNWATCHED if self._ended_unwatched else None)
-        elif outcome.result is Result.FAILED:
-            note = f" ({_UNWATCHED})" if self._ended_unwatched else ""
-            await self._fail("IOError", (outcome.error or "the job failed") + note, outcome)
-        else:
-            await self._fail(
-                "Cancelled", "the QEMU job was cancelled outside BlockPull; chain intact", outcome
-            )
-
-    async def _complete(self, outcome: Outcome | None, note: str | None) -> None:
-        released = self._released()
-        length = outcome.length if outcome else int(self.reporter.status.get("length") or 0)
-        # What was pulled, and how big the disk is: QEMU's length is the virtual size, not the
-        # amount copied (a pull to a base may copy a few MiB of a 128 MiB disk).
-        copied = f"{len(released)} backing image(s)" if released else "nothing (no backing file)"
-        message = f"pulled the data of {copied} into the disk (virtual size {format_bytes(length)})"
-        if note:
-            message = f"{message}; {note}"
-        await self.reporter.transition(
-            st.StatusView(
-                phase=st.COMPLETED,
-                reason="Completed",
-                message=message,
-                offset=outcome.offset if outcome else length,
-                length=length,
-                completion_time=st.now_rfc3339(),
-                released_images=released,
-            )
-        )
-        await self.reporter.event("Normal", "Completed", message)
-
-    def _released(self) -> list[str]:
-        """Images above the base (all backing images without one), from the chain recorded at start."""
-        chain = list(self.reporter.status.get("chain") or [])
-        base_node = (self.reporter.status.get("target") or {}).get("base")
-        released: list[str] = []
-        for entry in chain[1:]:
-            if base_node is not None and entry.get("node") == base_node:
-                break
-            released.append(str(entry.get("file")))
-        return released
+        await self.outcomes.job_ended(outcome, unwatched=self._ended_unwatched)
 
     async def _fail(self, reason: str, message: str, outcome: Outcome | None = None) -> None:
-        await self.reporter.transition(
-            st.StatusView(
-                phase=st.FAILED,
-                reason=reason,
-                message=message,
-                offset=outcome.offset if outcome else None,
-                length=outcome.length if outcome else None,
-                completion_time=st.now_rfc3339(),
-            )
+        await self.outcomes.failed(reason, message, outcome)
+
+    async def _warn_if_unconfirmed(self) -> None:
+        """Deleted while QEMU could not be asked to cancel a job we had started: say so."""
+        if self.abort_outcome is not None or self.record.start_time is None:
+            return  # QEMU confirmed (or timed out, already reported), or no job was ever started
+        message = (
+            f"deleted while QEMU could not be reached ({self._trouble or 'no answer'}); the finalizer "
+            f"is removed without QEMU confirming that job {self.job_id} is cancelled"
         )
-        await self.reporter.event("Warning", "Failed", f"{reason}: {message}")
+        log.warning("%s: %s", self.state.ref, message)
+        await self.reporter.event("Warning", "AbortUnconfirmed", message)
 
     async def _pending(self, reason: str, message: str) -> None:
-        status = self.reporter.status
-        if (
-            status.get("phase") == st.PENDING
-            and status.get("reason") == reason
-            and status.get("message") == message
+        self.metrics.pending(self.state.ref, reason)
+        view = views.pending(reason, message, self._rejected)
+        record = self.record
+        if (record.phase, record.reason, record.message, record.observed_generation) == (
+            st.PENDING,
+            reason,
+            view.message,
+            self.state.generation,
         ):
             return
-        await self.reporter.transition(st.StatusView(phase=st.PENDING, reason=reason, message=message))
+        await self.reporter.transition(view)
 
     # --- time ---------------------------------------------------------------------------------
 
     def _seconds_to_deadline(self) -> float | None:
-        deadline = self.state.spec.active_deadline_seconds
-        if deadline is None:
-            return None
-        started = st.parse_time(self.reporter.status.get("startTime")) or self.state.created
-        elapsed = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
-        return max(0.0, deadline - elapsed)
+        return seconds_left(
+            self.state.spec.active_deadline_seconds, self.record.start_time or self.state.created
+        )
 
     def _check_deadline(self) -> None:
-        if self._seconds_to_deadline() == 0 and not self.reporter.status.get("jobId"):
+        if self._seconds_to_deadline() == 0 and not self.record.job_id:
             raise DeadlineExceeded(
                 f"activeDeadlineSeconds={self.state.spec.active_deadline_seconds} passed before the pull "
-                f"could start ({self.reporter.status.get('message', 'pending')})"
+                f"could start ({self.record.message or 'pending'})"
             )
-
-    def _check_abort(self) -> None:
-        if self._abort.is_set():
-            raise _Aborted
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake for an abort, a spec change or the deadline."""
         deadline = self._seconds_to_deadline()
-        if deadline is not None:
-            seconds = min(seconds, deadline + 0.05)
-        abort = asyncio.create_task(self._abort.wait())
-        changed = asyncio.create_task(self._changed.wait())
-        try:
-            await asyncio.wait({abort, changed}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            abort.cancel()
-            changed.cancel()
+        await self._wait(seconds if deadline is None else min(seconds, deadline + 0.05))
         self._changed.clear()
 
 
-def _chain_entries(chain: tuple[ChainImage, ...]) -> list[dict[str, str]]:
-    return [{"node": image.node, "file": image.filename} for image in chain]
+async def explain_busy(
+    driver: BlockJobDriver, disk: str, exc: DiskBusy, *, node: str, collect_orphan: OrphanCollector | None
+) -> DiskBusy:
+    """Name the jobs holding the disk; collect an ended one of this agent's whose object is
+    gone (its id is derived from a uid no object has any more)."""
+    try:
+        jobs = await driver.blocking_jobs(disk)
+    except BlockPullError:
+        return exc
+    for job in jobs:
+        if job.ended and collect_orphan is not None and await collect_orphan(driver, job):
+            return DiskBusy(f"collected the ended job {job.job_id} of a deleted BlockPull; retrying")
+    # The agent holds its own monitor, and a QMP monitor serves one client at a time: the admin
+    # runs the command on another monitor of the VM.
+    return DiskBusy(
+        protocol.busy_message(
+            disk,
+            jobs,
+            lambda job: (
+                f"on node {node} run `{driver.collect_command(job)}` "
+                "against a QMP monitor of the VM other than the agent's"
+            ),
+        )
+    )
 
 
-def _rate(bandwidth: int) -> str:
-    return "unlimited" if bandwidth == 0 else f"{format_bytes(bandwidth)}/s"
-
-
-def _percent(outcome: Outcome) -> str:
-    return progress_text(outcome.offset, outcome.length)
+def seconds_left(deadline: int | None, since: datetime.datetime) -> float | None:
+    """Seconds until `deadline` seconds after `since` (never below 0); None: no deadline."""
+    if deadline is None:
+        return None
+    elapsed = (datetime.datetime.now(datetime.UTC) - since).total_seconds()
+    return max(0.0, deadline - elapsed)

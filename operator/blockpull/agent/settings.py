@@ -17,6 +17,8 @@ from blockpull.errors import InvalidSpec
 from blockpull.libvirt.templates import DEFAULT_DOMAIN_TEMPLATE, DomainTemplate, URITemplate
 
 DEFAULT_SOCKET_TEMPLATE = "/run/blockpull/{namespace}/{vm}.qmp"
+#: Beside kopf's liveness port (8080); 9090 is Prometheus's own and 9100 node-exporter's.
+DEFAULT_METRICS_PORT = 8081
 #: sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -98,6 +100,8 @@ class AgentSettings:
     liveness_port: int | None = 8080
     #: The agent's log level (BLOCKPULL_LOG_LEVEL): DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
+    #: Prometheus metrics at http://0.0.0.0:PORT/metrics; None: not served.
+    metrics_port: int | None = DEFAULT_METRICS_PORT
     #: BLOCKPULL_LIBVIRT_URI: when set, this agent's VMs are libvirt domains reached through it
     #: (libvirt's block-job API) instead of QMP sockets.
     libvirt_uri: URITemplate | None = None
@@ -118,6 +122,14 @@ class AgentSettings:
         if namespace is not None and not DNS1123_LABEL.match(namespace):
             raise InvalidSpec(f"BLOCKPULL_WATCH_NAMESPACE {namespace!r} is not a DNS-1123 label")
         port = env.get("BLOCKPULL_LIVENESS_PORT", "8080").strip()
+        liveness_port = None if port in ("", "0", "off") else _port("BLOCKPULL_LIVENESS_PORT", port)
+        metrics = env.get("BLOCKPULL_METRICS_PORT", str(DEFAULT_METRICS_PORT)).strip()
+        metrics_port = None if metrics in ("", "0", "off") else _port("BLOCKPULL_METRICS_PORT", metrics)
+        if metrics_port is not None and metrics_port == liveness_port:
+            raise InvalidSpec(
+                f"BLOCKPULL_METRICS_PORT and BLOCKPULL_LIVENESS_PORT are both {metrics_port}; "
+                "they must differ"
+            )
         raw_uri = env.get("BLOCKPULL_LIBVIRT_URI", "").strip()
         libvirt_uri = URITemplate(raw_uri) if raw_uri else None
         domains = DomainTemplate(env.get("BLOCKPULL_DOMAIN_TEMPLATE", "").strip() or DEFAULT_DOMAIN_TEMPLATE)
@@ -138,7 +150,8 @@ class AgentSettings:
             delete_timeout=_seconds(env, "BLOCKPULL_DELETE_TIMEOUT", 30.0),
             vm_gone_grace=_seconds(env, "BLOCKPULL_VM_GONE_GRACE", 60.0),
             pending_backoff_max=_seconds(env, "BLOCKPULL_PENDING_BACKOFF_MAX", 5.0),
-            liveness_port=None if port in ("", "0", "off") else _port(port),
+            liveness_port=liveness_port,
+            metrics_port=metrics_port,
             log_level=_log_level(env.get("BLOCKPULL_LOG_LEVEL", "INFO")),
             libvirt_uri=libvirt_uri,
             domain_template=domains,
@@ -168,7 +181,7 @@ def _log_level(raw: str) -> str:
     return level
 
 
-def _port(raw: str) -> int:
+def _port(name: str, raw: str) -> int:
     if not raw.isdigit() or not 0 < int(raw) < 65536:
-        raise InvalidSpec(f"BLOCKPULL_LIVENESS_PORT must be a TCP port, got {raw!r}")
+        raise InvalidSpec(f"{name} must be a TCP port (1-65535, or 0/off), got {raw!r}")
     return int(raw)

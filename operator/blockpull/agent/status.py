@@ -1,7 +1,9 @@
 """The BlockPull `.status` computed from what the agent knows: pure functions, no I/O.
 
-Owns: phases, `metav1.Condition`s (with lastTransitionTime kept while a condition's status
-does not change), the progress string, and the terminal record. Terminal means exactly one of
+Owns: phases, `metav1.Condition`s (BlockPull's own `Running`/`Completed`/`Failed` and the
+kstatus types `Reconciling`/`Stalled`/`Ready` that GitOps tools read; lastTransitionTime kept
+while a condition's status does not change), the progress string, the terminal record, and
+what a finished object's status changes to when a later spec edit is observed. Terminal means exactly one of
 `Completed`/`Failed` is True, and nothing here ever changes it afterwards.
 """
 
@@ -95,20 +97,9 @@ def build_status(
 def _conditions(
     previous: Sequence[Mapping[str, Any]], view: StatusView, generation: int, now: str
 ) -> list[dict[str, Any]]:
-    running = view.phase in (RUNNING, PAUSED)
-    wanted: list[tuple[str, bool, str, str]] = [
-        ("Running", running, view.reason if running or view.phase == PENDING else _ended(view), view.message)
-    ]
-    # All three types are always present (kubectl and GitOps health checks read a False as
-    # "not yet", a missing condition as "unknown"); a False one carries the phase as its reason.
-    for kind, phase in (("Completed", COMPLETED), ("Failed", FAILED)):
-        if view.phase == phase:
-            wanted.append((kind, True, view.reason, view.message))
-        else:
-            wanted.append((kind, False, view.phase, f"phase is {view.phase}"))
     by_type = {str(c.get("type")): c for c in previous}
     result: list[dict[str, Any]] = []
-    for kind, truth, reason, message in wanted:
+    for kind, truth, reason, message in wanted_conditions(view):
         status = "True" if truth else "False"
         before = by_type.get(kind)
         moved = before is None or before.get("status") != status
@@ -127,5 +118,82 @@ def _conditions(
     return result
 
 
+def wanted_conditions(view: StatusView) -> list[tuple[str, bool, str, str]]:
+    """(type, is True, reason, message) of all six conditions, in the order they are written.
+
+    `Running`, `Completed`, `Failed` are BlockPull's own. `Reconciling`, `Stalled`, `Ready` are
+    the types kstatus (Flux `wait`/health checks, `kpt live status`) understands: an object
+    with none of them reads as Current (done) to it, even while pending or after a failure.
+    """
+    running = view.phase in (RUNNING, PAUSED)
+    unfinished = view.phase not in TERMINAL_PHASES
+    wanted: list[tuple[str, bool, str, str]] = [
+        ("Running", running, view.reason if unfinished else _ended(view), view.message)
+    ]
+    # All types are always present (kubectl and GitOps health checks read a False as
+    # "not yet", a missing condition as "unknown"); a False one carries the phase as its reason.
+    for kind, phase in (("Completed", COMPLETED), ("Failed", FAILED)):
+        wanted.append(_true_or_phase(kind, view.phase == phase, view))
+    # kstatus reads conditions in list order (Reconciling=True -> InProgress, Stalled=True ->
+    # Failed, then Ready): at most one of the three is True, so the order cannot matter.
+    wanted.append(_true_or_phase("Reconciling", unfinished, view))
+    wanted.append(_true_or_phase("Stalled", view.phase == FAILED, view))
+    wanted.append(_true_or_phase("Ready", view.phase == COMPLETED, view))
+    return wanted
+
+
+def _true_or_phase(kind: str, truth: bool, view: StatusView) -> tuple[str, bool, str, str]:
+    if truth:
+        return (kind, True, view.reason, view.message)
+    return (kind, False, view.phase, f"phase is {view.phase}")
+
+
 def _ended(view: StatusView) -> str:
     return "JobEnded" if view.phase in TERMINAL_PHASES else view.reason
+
+
+def observe_generation(status: Mapping[str, Any], generation: int) -> dict[str, Any] | None:
+    """The fields a FINISHED object's status must change to show `generation` was observed.
+
+    A spec edit after the outcome (a new `bandwidth` or `ttlSecondsAfterFinished` re-applied
+    from Git) changes nothing in QEMU, but without a new `observedGeneration` kstatus reads
+    the object as InProgress for good. The outcome, its reason, message and times stay as
+    they are; a status written before the GitOps conditions existed gets them, dated at the
+    outcome's `completionTime` (when they became what they say). None: nothing to change.
+    """
+    if not is_terminal(status):
+        return None
+    conditions = [dict(c) for c in status.get("conditions") or []]
+    present = {str(c.get("type")) for c in conditions}
+    phase = COMPLETED if _true(conditions, COMPLETED) else FAILED
+    outcome = next((c for c in conditions if c.get("type") == phase), {})
+    view = StatusView(
+        phase=phase,
+        reason=str(status.get("reason") or outcome.get("reason") or phase),
+        message=str(status.get("message") or outcome.get("message") or ""),
+    )
+    when = str(status.get("completionTime") or outcome.get("lastTransitionTime") or now_rfc3339())
+    missing = [w for w in wanted_conditions(view) if w[0] not in present]
+    behind = status.get("observedGeneration") != generation or any(
+        c.get("observedGeneration") != generation for c in conditions
+    )
+    if not missing and not behind:
+        return None
+    for condition in conditions:
+        condition["observedGeneration"] = generation
+    for kind, truth, reason, message in missing:
+        conditions.append(
+            {
+                "type": kind,
+                "status": "True" if truth else "False",
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": when,
+                "observedGeneration": generation,
+            }
+        )
+    return {"observedGeneration": generation, "conditions": conditions}
+
+
+def _true(conditions: Sequence[Mapping[str, Any]], kind: str) -> bool:
+    return any(c.get("type") == kind and c.get("status") == "True" for c in conditions)

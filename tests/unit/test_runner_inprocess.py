@@ -1,0 +1,129 @@
+"""The agent in-process: the real Agent, runners, reporters and protocol sequences over a fake
+driver and a recording Kubernetes API, with production intervals shortened. Covers what the
+process tests cannot pin down cheaply: the order of the durable end, the once-only warnings,
+and the collection of an orphaned job."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from blockpull.agent.manager import Agent
+from blockpull.agent.settings import AgentSettings
+from blockpull.agent.status import is_terminal
+from blockpull.driver import StreamRequest
+
+from .fakes import FakeDriver, FakeKube, FakeVMs, MiB, body, eventually
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[tuple[Agent, FakeKube, FakeDriver]]:
+    settings = AgentSettings.from_env(
+        {
+            "NODE_NAME": "node-a",
+            "BLOCKPULL_LIVENESS_PORT": "0",
+            "BLOCKPULL_POLL_INTERVAL": "0.05",
+            "BLOCKPULL_STATUS_INTERVAL": "0.05",
+            "BLOCKPULL_PENDING_BACKOFF_MAX": "0.1",
+        }
+    )
+    kube, driver = FakeKube(), FakeDriver()
+    agent = Agent(settings, kube, FakeVMs({"web-1": driver}))  # type: ignore[arg-type]
+    yield agent, kube, driver
+    async with asyncio.timeout(10):  # a shutdown that hangs fails the test instead
+        await agent.shutdown()
+
+
+async def test_the_durable_end_finalizes_before_recording_and_records_before_dismissing(
+    world: tuple[Agent, FakeKube, FakeDriver],
+) -> None:
+    agent, kube, driver = world
+    agent.observe(body("p", "11111111-1111-1111-1111-111111111111"))
+    job_id = "blockpull-11111111-1111-1111-1111-111111111111"
+    await eventually(lambda: kube.statuses.get("p", {}).get("phase") == "Running", what="Running")
+    assert kube.statuses["p"]["progress"] == "0.00%", "a progress from the first write on"
+    driver.advance(job_id, 32 * MiB)
+    await eventually(lambda: kube.statuses["p"].get("progress") == "50.00%", what="progress")
+
+    statuses_at_finalize: list[str] = []
+    finalize = driver.finalize
+
+    async def observed_finalize(job: str, device: str | None) -> None:
+        statuses_at_finalize.append(kube.statuses["p"]["phase"])
+        await finalize(job, device)
+
+    driver.finalize = observed_finalize  # type: ignore[method-assign]
+    driver.finish_copy(job_id)
+    await eventually(lambda: is_terminal(kube.statuses["p"]), what="outcome")
+
+    status = kube.statuses["p"]
+    assert status["phase"] == "Completed" and status["releasedImages"] == [
+        "/img/mid.qcow2",
+        "/img/base.qcow2",
+    ]
+    assert statuses_at_finalize == ["Running"], "no outcome (nor releasedImages) before the chain changed"
+    assert [c for c in driver.calls if c[0] in ("finalize", "dismiss")] == [
+        ("finalize", job_id),
+        ("dismiss", job_id),
+    ]
+    assert driver.jobs == {}
+    assert kube.reasons("p") == ["Started", "Completed"]
+
+
+async def test_an_invalid_edit_warns_once_and_says_so_in_the_status(
+    world: tuple[Agent, FakeKube, FakeDriver],
+) -> None:
+    agent, kube, driver = world
+    uid = "22222222-2222-2222-2222-222222222222"
+    agent.observe(body("p", uid, bandwidth="1Mi"))
+    await eventually(lambda: kube.statuses.get("p", {}).get("phase") == "Running", what="Running")
+    # A CRD without the int64 bound lets this through; every status write brings it back.
+    for _ in range(5):
+        agent.observe(body("p", uid, generation=2, status=kube.statuses["p"], bandwidth="100Ei"))
+    await eventually(lambda: "not applied" in kube.statuses["p"]["message"], what="reason in status")
+    assert kube.reasons("p").count("InvalidSpec") == 1
+    assert (
+        "spec generation 2 not applied: bandwidth '100Ei' is larger than QEMU accepts"
+        in (kube.statuses["p"]["message"])
+    )
+    assert driver.jobs[f"blockpull-{uid}"].speed == 1 * MiB, "the job keeps the last valid spec"
+
+    agent.observe(body("p", uid, generation=3, status=kube.statuses["p"], bandwidth="2Mi"))
+    await eventually(lambda: driver.jobs[f"blockpull-{uid}"].speed == 2 * MiB, what="valid edit applied")
+    await eventually(lambda: "not applied" not in kube.statuses["p"]["message"], what="reason cleared")
+    assert kube.reasons("p").count("InvalidSpec") == 1
+
+
+async def test_an_ended_job_of_a_deleted_object_is_collected_and_the_new_pull_runs(
+    world: tuple[Agent, FakeKube, FakeDriver],
+) -> None:
+    agent, kube, driver = world
+    # Left by an object deleted while QEMU was frozen (AbortUnconfirmed): held at `pending`.
+    orphan = "blockpull-33333333-3333-3333-3333-333333333333"
+    await driver.start(_request(orphan))
+    driver.finish_copy(orphan)
+    agent.observe(body("new", "44444444-4444-4444-4444-444444444444"))
+    await eventually(lambda: kube.statuses.get("new", {}).get("phase") == "Running", what="Running")
+    # Deletion asked for an abort: the held job was cancelled (chain unchanged), then dismissed.
+    assert ("cancel", orphan) in driver.calls and ("dismiss", orphan) in driver.calls
+    assert ("finalize", orphan) not in driver.calls
+
+
+async def test_a_job_of_another_client_is_named_with_the_command_that_collects_it(
+    world: tuple[Agent, FakeKube, FakeDriver],
+) -> None:
+    agent, kube, driver = world
+    await driver.start(_request("blockpull-0a1b2c3d"))  # a `blockpull pull --no-wait` job
+    driver.finish_copy("blockpull-0a1b2c3d")
+    agent.observe(body("p", "55555555-5555-5555-5555-555555555555"))
+    await eventually(lambda: kube.statuses.get("p", {}).get("reason") == "DiskBusy", what="DiskBusy")
+    message = kube.statuses["p"]["message"]
+    assert "blockpull-0a1b2c3d (copy done, waiting to be finalized)" in message
+    assert "it has ended and nobody collected it" in message and "collect blockpull-0a1b2c3d" in message
+    assert ("dismiss", "blockpull-0a1b2c3d") not in driver.calls, "never another client's job"
+
+
+def _request(job_id: str) -> StreamRequest:
+    return StreamRequest(disk="vda", job_id=job_id)
