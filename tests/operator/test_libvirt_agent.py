@@ -192,6 +192,7 @@ def test_agent_killed_mid_job_reattaches(
     domain = _domain(domain_factory, ns, data_chain)
     ns.create("survivor", nodeName="node-a", vm="web-1", disk="vda", bandwidth=SLOW)
     ns.wait_phase("survivor", "Running")
+    ns.wait_event("survivor", "Started")
     lagent.kill()
     lagent.start()
     ns.patch_spec("survivor", bandwidth=0)
