@@ -117,6 +117,8 @@ async def test_client_killed_mid_job_reattaches_to_the_one_job(
     await driver.set_speed("blockpull-0a1b2c", 0)
     done = await follow_to_end(driver, "blockpull-0a1b2c")
     assert done.error is None
+    await driver.dismiss("blockpull-0a1b2c")  # forgotten, in the domain's metadata too
+    assert await LibvirtDriver(conn, domain.name).find_job("blockpull-0a1b2c") is None
     await fresh.close()
     assert_flattened(domain, data_chain)
 

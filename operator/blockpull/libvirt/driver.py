@@ -39,6 +39,7 @@ from blockpull.errors import (
     Disconnected,
     DiskBusy,
     DiskNotFound,
+    HypervisorUnavailable,
     JobNotFound,
     Unsupported,
     VMNotFound,
@@ -164,9 +165,11 @@ class LibvirtDriver:
             return {}
         return {job.get("id", ""): job.get("disk", "") for job in root.iter("job") if job.get("id")}
 
-    def _record_id(self, job_id: str, target: str) -> None:
+    def _record_id(self, job_id: str | None, target: str) -> None:
+        """Record `job_id` as the name of `target`'s job (None: forget `target`'s job)."""
         ids = {i: t for i, t in self._recorded_ids().items() if t != target}
-        ids[job_id] = target
+        if job_id is not None:
+            ids[job_id] = target
         body = "".join(f"<job id={quoteattr(i)} disk={quoteattr(t)}/>" for i, t in ids.items())
         # Best effort: the job runs either way; without it only `<domain>/<target>` finds it
         # after a restart.
@@ -408,6 +411,9 @@ class LibvirtDriver:
         self._jobs.concluded.pop(target, None)
         for alias in [a for a, t in self._jobs.aliases.items() if t == target]:
             del self._jobs.aliases[alias]
+        # The name goes too: a later job on this disk is not this one.
+        with contextlib.suppress(VMNotFound, Disconnected, HypervisorUnavailable):
+            self._record_id(None, target)
 
     async def pulled(self, disk: str, base: str | None) -> bool:
         return xmlchain.pulled(self._disk(disk), base)
