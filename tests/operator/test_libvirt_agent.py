@@ -234,3 +234,30 @@ def test_libvirtd_restarted_mid_job(
     assert status["phase"] == "Completed", status
     assert "reconnected" in lagent.log()
     assert_flattened(domain, data_chain)
+
+
+def test_per_vm_daemon_through_a_uri_template(
+    ns: Namespace,
+    agent_factory: AgentFactory,
+    *,
+    libvirtd_running: LibvirtDaemon,
+    domain_factory: DomainFactory,
+    chain4: Chain,
+    short_tmp: Path,
+) -> None:
+    """A KubeVirt-like launcher's daemon, reached through a per-VM socket path: here the path
+    the template gives for (namespace, web-1) is a link to the lab's libvirtd socket."""
+    per_vm = short_tmp / ns.name / "web-1"
+    per_vm.mkdir(parents=True)
+    (per_vm / "libvirt-sock").symlink_to(libvirtd_running.socket)
+    uri = f"qemu+unix:///system?socket={short_tmp}/{{namespace}}/{{vm}}/libvirt-sock"
+    agent = agent_factory(BLOCKPULL_LIBVIRT_URI=uri)
+    domain = _domain(domain_factory, ns, chain4)
+    ns.create("per-vm", nodeName="node-a", vm="web-1", disk="vda")
+    ns.create("no-daemon", nodeName="node-a", vm="web-2", disk="vda")
+    status = ns.wait_phase("per-vm", "Completed", "Failed")
+    assert status["phase"] == "Completed", status
+    waiting = ns.wait_reason("no-daemon", "Pending", "LibvirtUnavailable")
+    assert f"{short_tmp}/{ns.name}/web-2/libvirt-sock" in waiting["message"]
+    assert agent.alive
+    assert_flattened(domain, chain4)
