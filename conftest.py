@@ -1,8 +1,8 @@
-"""Project-wide pytest set-up: the QEMU lab's fixtures and the `--cluster` option."""
+"""Project-wide pytest set-up: the QEMU and libvirt labs' fixtures and the `--cluster` option."""
 
 import pytest
 
-pytest_plugins = ["qemulab.pytest_plugin"]
+pytest_plugins = ["qemulab.pytest_plugin", "virtlab.pytest_plugin"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

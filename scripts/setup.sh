@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up a fresh Debian 12 machine for BlockPull: QEMU, kubectl, and a virtualenv (.venv) with
-# the project and its test tools. Idempotent: re-running only installs what is missing.
+# Set up a fresh Debian 12 machine for BlockPull: QEMU, libvirt, kubectl, and a virtualenv
+# (.venv) with the project and its test tools. Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +8,13 @@ packages=()
 command -v qemu-system-x86_64 >/dev/null || packages+=(qemu-system-x86)
 command -v qemu-img >/dev/null || packages+=(qemu-utils)
 command -v kubectl >/dev/null || packages+=(kubernetes-client)
+# libvirt: the daemon and virsh for the tests' private libvirtd (tests/support/virtlab; none is
+# started system-wide), and the headers, compiler and pkg-config that libvirt-python builds with.
+command -v libvirtd >/dev/null || packages+=(libvirt-daemon-system)
+command -v virsh >/dev/null || packages+=(libvirt-clients)
+pkg-config --exists libvirt 2>/dev/null || packages+=(libvirt-dev)
+command -v gcc >/dev/null || packages+=(gcc)
+command -v pkg-config >/dev/null || packages+=(pkg-config)
 # promtool tests the PrometheusRule alerts in deploy/monitoring/ (Debian ships it with prometheus).
 command -v promtool >/dev/null || packages+=(prometheus)
 # The kubectl plugin's terminal test drives its live view in a real terminal.

@@ -113,6 +113,12 @@ Progress goes to stderr: a bar redrawn in place on a terminal, otherwise one lin
 document, on failure too ({{"error": {{"reason", "message", "exit_status"}}}}), except for
 command-line usage errors, which are reported on stderr only.
 
+libvirt domains: with `--connect URI` (e.g. qemu:///system) SOCKET is a libvirt domain name and
+every command goes through libvirt's own block-job API (`virsh blockpull`'s), never a QMP
+command behind libvirt's back; DISK is the disk's target (vda) or its active image's path, a
+base an absolute path or libvirt's index form (vda[2]); job ids are DOMAIN/TARGET. libvirt has
+no pause and reports no error text for a failed job (see libvirtd's log).
+
 exit status:
   {EXIT_OK}    success (pull/wait: the job completed; abort: the job is gone)
   {EXIT_JOB_FAILED}    the job failed (QEMU's error text is printed) or was cancelled by someone else
@@ -140,6 +146,9 @@ class Settings:
     command_timeout: float = 10.0
     output: str = "text"
     debug: bool = False
+    #: `--connect URI`: the VM is a libvirt domain (SOCKET names the domain), reached through
+    #: libvirt's block-job API at this URI instead of a QMP socket.
+    connect: str | None = None
 
     @property
     def json(self) -> bool:
@@ -185,6 +194,14 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
         metavar="SECONDS",
         default=default(defaults.command_timeout),
         help="give up when QEMU does not answer a command within this time (default: 10)",
+    )
+    group.add_argument(
+        "--connect",
+        "-c",
+        metavar="URI",
+        default=default(None),
+        help="the VM is a libvirt domain: SOCKET is then the DOMAIN name, reached through "
+        "libvirt's block-job API at URI (e.g. qemu:///system), like `virsh -c URI`",
     )
     group.add_argument(
         "--output",
@@ -320,6 +337,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         command_timeout=float(args.command_timeout),
         output=str(args.output),
         debug=bool(args.debug),
+        connect=args.connect,
     )
 
 
@@ -377,6 +395,17 @@ def _exit_now(status: int) -> NoReturn:
         with contextlib.suppress(OSError, ValueError):
             stream_.flush()
     os._exit(status)
+
+
+def _where(settings: Settings, socket: str) -> str:
+    """How a command line names the VM: its socket, or `--connect URI DOMAIN`."""
+    return f"--connect {settings.connect} {socket}" if settings.connect else socket
+
+
+def _vm_arg(settings: Settings, driver: BlockJobDriver) -> str:
+    if isinstance(driver, QMPDriver):
+        return driver.conn.socket_path
+    return _where(settings, str(getattr(driver, "domain", "DOMAIN")))
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -624,7 +653,19 @@ def _explained_inspection(disk: str, socket: str) -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _driver(settings: Settings, socket: str) -> AsyncIterator[QMPDriver]:
+async def _driver(settings: Settings, socket: str) -> AsyncIterator[BlockJobDriver]:
+    if settings.connect:
+        # libvirt's own block-job API for a libvirt domain (never QMP behind libvirt's back).
+        from blockpull.libvirt.connection import LibvirtConnection  # noqa: PLC0415
+        from blockpull.libvirt.driver import LibvirtDriver  # noqa: PLC0415
+
+        lv = LibvirtConnection(settings.connect, call_timeout=settings.command_timeout)
+        await lv.open()
+        try:
+            yield LibvirtDriver(lv, socket)
+        finally:
+            await lv.close()
+        return
     conn = await QMPConnection.open(
         socket,
         connect_timeout=settings.connect_timeout,
@@ -641,7 +682,7 @@ def _display(label: str, quiet: bool) -> ProgressDisplay:
     return progress_display(sys.stderr, label, quiet=quiet)
 
 
-async def _start(driver: QMPDriver, request: StreamRequest, socket: str) -> StartedJob:
+async def _start(driver: BlockJobDriver, request: StreamRequest, socket: str) -> StartedJob:
     try:
         with _explained_inspection(request.disk, socket):
             return await driver.start(request)
@@ -656,7 +697,7 @@ async def _start(driver: QMPDriver, request: StreamRequest, socket: str) -> Star
 
 
 async def _conclude_and_report(
-    settings: Settings, driver: QMPDriver, ended: Progress, device: str | None, report: Report
+    settings: Settings, driver: BlockJobDriver, ended: Progress, device: str | None, report: Report
 ) -> int:
     """Finish an ended job durably, print its outcome, then dismiss it (blockpull.pull)."""
     printed: list[int] = []
@@ -677,7 +718,7 @@ async def _conclude_and_report(
         warning_line(
             sys.stderr,
             f"could not dismiss job {ended.job_id}: {exc.message}; "
-            f"`blockpull wait {driver.conn.socket_path} {ended.job_id}` reports and dismisses it",
+            f"`blockpull wait {_vm_arg(settings, driver)} {ended.job_id}` reports and dismisses it",
         )
     return printed[0]
 
@@ -707,7 +748,7 @@ async def run_pull(
         started_at = loop.time()
         started = await _start(driver, request, socket)
         if no_wait and not stops.requested:
-            _print_started(settings, started, disk=disk, base=base, socket=socket)
+            _print_started(settings, started, disk=disk, base=base, socket=_where(settings, socket))
             return EXIT_OK
         if not quiet:
             sys.stderr.write(f"blockpull: {started_line(job_id, started.device, started.base_node)}\n")
@@ -728,7 +769,9 @@ async def run_pull(
         if followed.job is None:
             display.finish()
             assert followed.stopped_by is not None
-            return _unconfirmed(job_id, socket, followed.stopped_by, settings.command_timeout)
+            return _unconfirmed(
+                job_id, _where(settings, socket), followed.stopped_by, settings.command_timeout
+            )
         display.finish(_pending_outcome(followed.job))
         report = Report(
             outcome=_pending_outcome(followed.job),
@@ -771,7 +814,7 @@ def _pending_outcome(job: Progress) -> Outcome:
 
 
 async def _report_vanished(
-    settings: Settings, driver: QMPDriver, job_id: str, disk: str, base: str | None
+    settings: Settings, driver: BlockJobDriver, job_id: str, disk: str, base: str | None
 ) -> int:
     """Our job disappeared (another client dismissed it): decide from the chain what it did."""
     if not await driver.pulled(disk, base):
@@ -805,7 +848,9 @@ async def run_wait(
         if followed.job is None:
             display.finish()
             assert followed.stopped_by is not None
-            return _unconfirmed(job_id, socket, followed.stopped_by, settings.command_timeout)
+            return _unconfirmed(
+                job_id, _where(settings, socket), followed.stopped_by, settings.command_timeout
+            )
         display.finish(_pending_outcome(followed.job))
         report = Report(
             outcome=_pending_outcome(followed.job),

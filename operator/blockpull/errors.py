@@ -137,3 +137,13 @@ class CommandFailed(PermanentError):
     def __init__(self, message: str, error_class: str = "GenericError") -> None:
         super().__init__(message)
         self.error_class = error_class
+
+
+# --- libvirt -------------------------------------------------------------------------------
+
+
+class HypervisorUnavailable(QEMUUnavailable):
+    """libvirtd does not answer: its socket is missing, it refuses us, or the connection dropped
+    and has not come back yet. The VM (and a running job) may be fine; try again later."""
+
+    reason = "LibvirtUnavailable"

@@ -70,15 +70,23 @@ async def _run(settings: AgentSettings, metrics: AgentMetrics) -> None:
     from blockpull.agent.handlers import build_registry, connection_info  # noqa: PLC0415
     from blockpull.agent.kube import KubeAPI, api_client_from_environment  # noqa: PLC0415
     from blockpull.agent.manager import Agent  # noqa: PLC0415
-    from blockpull.agent.vms import VMConnections  # noqa: PLC0415
+    from blockpull.agent.vms import VMConnections, VMs  # noqa: PLC0415
 
     api_client = api_client_from_environment()
     kube = KubeAPI(api_client, component="blockpull-agent", node_name=settings.node_name)
-    vms = VMConnections(
-        settings.socket_template,
-        connect_timeout=settings.connect_timeout,
-        command_timeout=settings.command_timeout,
-    )
+    vms: VMs
+    if settings.libvirt_uri is not None:
+        from blockpull.agent.libvirt_vms import LibvirtVMs  # noqa: PLC0415
+
+        vms = LibvirtVMs(
+            settings.libvirt_uri, settings.domain_template, call_timeout=settings.command_timeout
+        )
+    else:
+        vms = VMConnections(
+            settings.socket_template,
+            connect_timeout=settings.connect_timeout,
+            command_timeout=settings.command_timeout,
+        )
     agent = Agent(settings, kube, vms, metrics=metrics)
     registry = build_registry(lambda: agent, settings, lambda: connection_info(api_client))
     liveness = f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None

@@ -354,7 +354,13 @@ class PullRunner:
             await self.reporter.progress(view)
 
     def _running_view(self, job: Progress) -> st.StatusView:
-        return views.running(self.job_id, job, self.state.spec.on_error, self._rejected)
+        return views.running(
+            self.job_id,
+            job,
+            self.state.spec.on_error,
+            self._rejected,
+            pause_unsupported=self.steering.pause_unsupported,
+        )
 
     # --- the end --------------------------------------------------------------------------------
 

@@ -11,9 +11,10 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from blockpull.errors import InvalidSpec
+from blockpull.libvirt.templates import DEFAULT_DOMAIN_TEMPLATE, DomainTemplate, URITemplate
 
 DEFAULT_SOCKET_TEMPLATE = "/run/blockpull/{namespace}/{vm}.qmp"
 #: Beside kopf's liveness port (8080); 9090 is Prometheus's own and 9100 node-exporter's.
@@ -101,6 +102,11 @@ class AgentSettings:
     log_level: str = "INFO"
     #: Prometheus metrics at http://0.0.0.0:PORT/metrics; None: not served.
     metrics_port: int | None = DEFAULT_METRICS_PORT
+    #: BLOCKPULL_LIBVIRT_URI: when set, this agent's VMs are libvirt domains reached through it
+    #: (libvirt's block-job API) instead of QMP sockets.
+    libvirt_uri: URITemplate | None = None
+    #: BLOCKPULL_DOMAIN_TEMPLATE: the libvirt domain name of (namespace, spec.vm).
+    domain_template: DomainTemplate = field(default_factory=DomainTemplate)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AgentSettings:
@@ -124,6 +130,15 @@ class AgentSettings:
                 f"BLOCKPULL_METRICS_PORT and BLOCKPULL_LIVENESS_PORT are both {metrics_port}; "
                 "they must differ"
             )
+        raw_uri = env.get("BLOCKPULL_LIBVIRT_URI", "").strip()
+        libvirt_uri = URITemplate(raw_uri) if raw_uri else None
+        domains = DomainTemplate(env.get("BLOCKPULL_DOMAIN_TEMPLATE", "").strip() or DEFAULT_DOMAIN_TEMPLATE)
+        if libvirt_uri is not None and not domains.has_namespace and namespace is None:
+            raise InvalidSpec(
+                f"BLOCKPULL_DOMAIN_TEMPLATE {domains.template!r} has no {{namespace}}: a BlockPull of "
+                "any namespace could reach every domain of the node; set BLOCKPULL_WATCH_NAMESPACE "
+                "to serve one namespace, or put {namespace} in the template"
+            )
         return cls(
             node_name=node,
             socket_template=SocketTemplate(env.get("BLOCKPULL_SOCKET_TEMPLATE", DEFAULT_SOCKET_TEMPLATE)),
@@ -138,6 +153,8 @@ class AgentSettings:
             liveness_port=liveness_port,
             metrics_port=metrics_port,
             log_level=_log_level(env.get("BLOCKPULL_LOG_LEVEL", "INFO")),
+            libvirt_uri=libvirt_uri,
+            domain_template=domains,
         )
 
 

@@ -28,6 +28,8 @@ class Steering:
         self._event = event
         #: spec.paused as last applied; None until the first apply (a re-attach).
         self._applied_paused: bool | None = None
+        #: spec.paused asks for a pause the driver cannot do (libvirt): the job keeps running.
+        self.pause_unsupported = False
 
     def started(self, paused: bool) -> None:
         """The job was started with this state (it needs no steering yet)."""
@@ -40,7 +42,17 @@ class Steering:
         if job.speed != bandwidth:
             await driver.set_speed(self._job_id, bandwidth)
             await self._say("Normal", "BandwidthChanged", f"bandwidth {rate(job.speed)} -> {rate(bandwidth)}")
-        if paused and not job.paused:
+        self.pause_unsupported = paused and not driver.can_pause
+        if self.pause_unsupported:
+            # libvirt has no block-job pause: say so once per request and leave the job
+            # running; never pause it behind the hypervisor API's back.
+            if self._applied_paused is not True:
+                await self._say(
+                    "Warning",
+                    "PauseUnsupported",
+                    f"spec.paused is true but {driver.describe} cannot pause a block job; it keeps running",
+                )
+        elif paused and not job.paused:
             await driver.pause(self._job_id)
             await self._say("Normal", "Paused", "paused the stream (spec.paused=true)")
         elif not paused and job.paused and job.io_status == "ok":

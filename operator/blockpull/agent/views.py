@@ -70,7 +70,9 @@ def reattached(job_id: str, chain: Sequence[ChainImage], base: str | None, phase
     )
 
 
-def running(job_id: str, job: Progress, on_error: str, rejected: Rejected = None) -> st.StatusView:
+def running(
+    job_id: str, job: Progress, on_error: str, rejected: Rejected = None, *, pause_unsupported: bool = False
+) -> st.StatusView:
     if job.paused:
         phase = st.PAUSED
         if job.io_status == "ok":
@@ -84,6 +86,10 @@ def running(job_id: str, job: Progress, on_error: str, rejected: Rejected = None
     else:
         phase, reason = st.RUNNING, "Streaming"
         message = f"streamed {format_bytes(job.offset)} of {format_bytes(job.length)}"
+        if pause_unsupported:
+            # The pause was asked for and cannot be done (libvirt): the reason says so.
+            reason = "PauseUnsupported"
+            message += "; spec.paused is true but the hypervisor API cannot pause a block job"
     return st.StatusView(
         phase=phase,
         reason=reason,
