@@ -199,7 +199,9 @@ def agent_status_reasons() -> set[str]:
         if "StatusView(" not in source and "._fail(" not in source:
             continue  # writes no status (kube.py's API errors have reasons for logs only)
         found.update(re.findall(r'\breason\s*=\s*"([A-Z][A-Za-z]+)"', source))
-        found.update(re.findall(r'\b_(?:fail|pending)\(\s*"([A-Z][A-Za-z]+)"', source))
+        found.update(
+            re.findall(r'\b(?:_fail|_pending|views\.pending|views\.failed)\(\s*"([A-Z][A-Za-z]+)"', source)
+        )
         # views.py: `reason, message = "Paused", ...` and `phase, reason = st.RUNNING, "Streaming"`
         found.update(re.findall(r'\breason,\s*message\s*=\s*"([A-Z][A-Za-z]+)"', source))
         found.update(re.findall(r'\bphase,\s*reason\s*=\s*[\w.]+,\s*"([A-Z][A-Za-z]+)"', source))
