@@ -72,7 +72,7 @@ from blockpull.errors import (
 )
 from blockpull.qmp import QMPConnection
 from blockpull.qmp_driver import QMPDriver
-from blockpull.quantity import parse_bandwidth
+from blockpull.quantity import parse_bandwidth, progress_text
 
 # --- exit statuses --------------------------------------------------------------------------
 
@@ -570,7 +570,7 @@ async def see_through(
         )
         return Followed(cancelled, stopped_by)
     except Disconnected as exc:
-        where = f" at {last_seen.percent:.2f}%" if last_seen is not None else ""
+        where = f" at {progress_text(last_seen.offset, last_seen.length)}" if last_seen is not None else ""
         raise VMExited(
             f"QEMU exited during the pull (job {job_id}{where}); the disk keeps its backing chain "
             "and loses nothing: the chain changes only after the copied data is flushed"

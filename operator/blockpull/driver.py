@@ -152,10 +152,6 @@ class BlockJobDriver(Protocol):
 
     #: The hypervisor can pause and resume a job.
     can_pause: bool
-    #: A failed job's outcome carries the hypervisor's error text.
-    reports_error_text: bool
-    #: Where to look for the reason of a failure the driver cannot describe.
-    error_text_hint: str
     #: What users call the thing the driver talks to, e.g. "QMP socket /run/x.qmp".
     describe: str
 

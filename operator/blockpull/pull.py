@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from blockpull.driver import CANCELLED_ERROR, BlockJobDriver, Outcome, Progress, Result
 from blockpull.errors import CommandFailed, JobNotFound
+from blockpull.quantity import progress_text
 
 #: How often a followed job is re-read when no notification arrives: progress refresh and a
 #: safety net; outcomes come from the hypervisor's events at once.
@@ -129,7 +130,7 @@ def job_state(job: Progress) -> str:
     if job.concluded:
         outcome = outcome_of(job)
         return f"ended ({outcome.result.value if outcome else job.status}), not yet collected"
-    return f"{job.status} at {job.percent:.2f}%"
+    return f"{job.status} at {progress_text(job.offset, job.length)}"
 
 
 def busy_message(disk: str, jobs: list[Progress], collect: Callable[[Progress], str]) -> str:

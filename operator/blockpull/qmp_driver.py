@@ -43,8 +43,6 @@ class QMPDriver:
     """`BlockJobDriver` over one shared `QMPConnection`."""
 
     can_pause = True
-    reports_error_text = True
-    error_text_hint = "QEMU's error text is in the message"
 
     def __init__(self, conn: QMPConnection) -> None:
         self.conn = conn

@@ -43,8 +43,6 @@ class FakeDriver:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     pulled_disk: bool = False
     can_pause: bool = True
-    reports_error_text: bool = True
-    error_text_hint: str = "in the message"
     describe: str = "fake VM"
     closed: bool = False
     chain_images: tuple[ChainImage, ...] = (

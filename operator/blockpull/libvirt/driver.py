@@ -64,12 +64,6 @@ T = TypeVar("T")
 #: How long a job libvirt no longer lists may take to announce its end (measured: ~7 ms).
 EVENT_GRACE = 2.0
 
-ERROR_TEXT_HINT = (
-    "libvirt reports no error text for a failed block job; QEMU's message is only in libvirtd's "
-    "own log (journalctl -u libvirtd or virtqemud, or its log_outputs file) around the failure "
-    "time, and the domain log /var/log/libvirt/qemu/<domain>.log may say more"
-)
-
 
 class LibvirtJobWatch:
     """Wakes on the domain's block-job and lifecycle events and on reconnects."""
@@ -101,8 +95,6 @@ class LibvirtDriver:
     """`BlockJobDriver` for libvirt domain `domain` over a shared `LibvirtConnection`."""
 
     can_pause = False
-    reports_error_text = False
-    error_text_hint = ERROR_TEXT_HINT
 
     def __init__(self, conn: LibvirtConnection, domain: str) -> None:
         self.conn = conn
