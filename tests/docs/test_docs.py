@@ -196,16 +196,21 @@ def agent_status_reasons() -> set[str]:
     """Reasons the agent writes to `.status` as literals, plus those its errors carry."""
     found: set[str] = set()
     for source in agent_sources().values():
-        if "StatusView(" not in source and "._fail(" not in source:
+        if not any(marker in source for marker in ("StatusView(", "._fail(", "outcomes.failed(")):
             continue  # writes no status (kube.py's API errors have reasons for logs only)
         found.update(re.findall(r'\breason\s*=\s*"([A-Z][A-Za-z]+)"', source))
         found.update(
-            re.findall(r'\b(?:_fail|_pending|views\.pending|views\.failed)\(\s*"([A-Z][A-Za-z]+)"', source)
+            re.findall(
+                r'\b(?:_fail|_pending|views\.pending|views\.failed|_?outcomes\.failed)\(\s*"([A-Z][A-Za-z]+)"',
+                source,
+            )
         )
         # views.py: `reason, message = "Paused", ...` and `phase, reason = st.RUNNING, "Streaming"`
         found.update(re.findall(r'\breason,\s*message\s*=\s*"([A-Z][A-Za-z]+)"', source))
         found.update(re.findall(r'\bphase,\s*reason\s*=\s*[\w.]+,\s*"([A-Z][A-Za-z]+)"', source))
     views = agent_sources()["views.py"]
+    # Reasons views.py names as constants (e.g. `QUEUED = "Queued"`).
+    found.update(re.findall(r'^[A-Z_]+ = "([A-Z][A-Za-z]+)"$', views, re.MULTILINE))
     assert 'f"PausedOnError{job.io_status.capitalize()}"' in views, "update IO_STATUSES_ON_ERROR"
     found.update(f"PausedOnError{status.capitalize()}" for status in IO_STATUSES_ON_ERROR)
     return found | (error_reasons() - NOT_A_STATUS_REASON.keys())

@@ -24,6 +24,7 @@ from typing import Any
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
+from prometheus_client.parser import text_string_to_metric_families
 
 from qemulab import Chain, backing_chain, check, compare
 from testapiserver import ThreadedAPIServer
@@ -478,3 +479,29 @@ def chatty_socket(path: Path, greeting: bytes) -> Iterator[None]:
         server.close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+class Scrape:
+    """One scrape of an agent's /metrics, parsed by the Prometheus client's own parser."""
+
+    def __init__(self, agent: AgentProcess) -> None:
+        url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            assert answer.status == 200
+            assert answer.headers["Content-Type"].startswith("text/plain")
+            text = answer.read().decode()
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def types(self) -> dict[str, str]:
+        return {name: family.type for name, family in self.families.items()}
+
+    def samples(self, family: str, sample: str | None = None) -> list[tuple[dict[str, str], float]]:
+        return [
+            (dict(s.labels), s.value)
+            for s in self.families[family].samples
+            if sample is None or s.name == sample
+        ]
+
+    def value(self, family: str, sample: str, **labels: str) -> float:
+        (found,) = [v for got, v in self.samples(family, sample) if got == labels]
+        return found

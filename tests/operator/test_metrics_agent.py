@@ -6,12 +6,10 @@ present only while a job runs, the counters right at the end.
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from harness import AgentProcess, Namespace, VMFactory, eventually
-from prometheus_client.parser import text_string_to_metric_families
+from harness import AgentProcess, Namespace, Scrape, VMFactory, eventually
 
 from qemulab import Chain
 
@@ -26,30 +24,6 @@ TYPES = {
     "blockpull_job_remaining_bytes": "gauge",
     "blockpull_jobs_pending": "gauge",
 }
-
-
-class Scrape:
-    def __init__(self, agent: AgentProcess) -> None:
-        url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            assert answer.status == 200
-            assert answer.headers["Content-Type"].startswith("text/plain")
-            text = answer.read().decode()
-        self.families = {f.name: f for f in text_string_to_metric_families(text)}
-
-    def types(self) -> dict[str, str]:
-        return {name: family.type for name, family in self.families.items()}
-
-    def samples(self, family: str, sample: str | None = None) -> list[tuple[dict[str, str], float]]:
-        return [
-            (dict(s.labels), s.value)
-            for s in self.families[family].samples
-            if sample is None or s.name == sample
-        ]
-
-    def value(self, family: str, sample: str, **labels: str) -> float:
-        (found,) = [v for got, v in self.samples(family, sample) if got == labels]
-        return found
 
 
 def test_metrics_while_two_jobs_run_and_after_one_completes_and_one_fails(

@@ -164,10 +164,14 @@ class FakeKube:
     statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: list[tuple[str, str, str, str]] = field(default_factory=list)
     uids: dict[str, set[str]] = field(default_factory=dict)
+    #: What a list of the node's objects returns (the agent's start reads it).
+    objects: list[dict[str, Any]] = field(default_factory=list)
     writes: dict[str, int] = field(default_factory=lambda: {"status": 0, "event": 0, "delete": 0})
+    writes_of: dict[str, int] = field(default_factory=dict)  # status writes per object name
 
     async def patch_status(self, ref: ObjectRef, status: Mapping[str, Any], *, urgent: bool = True) -> None:
         self.writes["status"] += 1
+        self.writes_of[ref.name] = self.writes_of.get(ref.name, 0) + 1
         merged = self.statuses.setdefault(ref.name, {})
         for key, value in status.items():
             if value is None:
@@ -184,6 +188,9 @@ class FakeKube:
 
     async def object_uids(self, namespace: str) -> set[str]:
         return self.uids.get(namespace, set())
+
+    async def node_objects(self, namespace: str | None) -> list[dict[str, Any]]:
+        return list(self.objects)
 
     def reasons(self, name: str) -> list[str]:
         return [reason for obj, _, reason, _ in self.events if obj == name]

@@ -31,6 +31,7 @@ async def world() -> AsyncIterator[tuple[Agent, FakeKube, FakeDriver]]:
     )
     kube, driver = FakeKube(), FakeDriver()
     agent = Agent(settings, kube, FakeVMs({"web-1": driver}))  # type: ignore[arg-type]
+    await agent.start()
     yield agent, kube, driver
     async with asyncio.timeout(10):  # a shutdown that hangs fails the test instead
         await agent.shutdown()

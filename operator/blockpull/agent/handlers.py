@@ -93,8 +93,10 @@ def build_registry(
         return login()
 
     @kopf.on.startup(registry=registry)
-    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings, agent_settings)
+        # Before kopf starts watching: the queue is rebuilt from the node's full list first.
+        await get_agent().start()
 
     @kopf.on.event(*RESOURCE, registry=registry)
     async def observe(body: kopf.Body, type: str | None, **_: Any) -> None:

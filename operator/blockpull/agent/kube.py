@@ -117,6 +117,21 @@ class KubeAPI:
         )
         return {str(item["metadata"]["uid"]) for item in listing.get("items", [])}
 
+    async def node_objects(self, namespace: str | None) -> list[dict[str, Any]]:
+        """This node's BlockPulls (of `namespace`, or of all namespaces), as the API has them."""
+        selector = f"spec.nodeName={self._node_name}"
+        if namespace is None:
+            listing = await self._call(
+                self._custom.list_cluster_custom_object,
+                GROUP, VERSION, PLURAL, field_selector=selector, lane=self._routine,
+            )  # fmt: skip
+        else:
+            listing = await self._call(
+                self._custom.list_namespaced_custom_object,
+                GROUP, VERSION, namespace, PLURAL, field_selector=selector, lane=self._routine,
+            )  # fmt: skip
+        return list(listing.get("items", []))
+
     async def delete(self, ref: ObjectRef) -> None:
         """Delete the object, only if it is still the same object (uid precondition)."""
         self.writes["delete"] += 1

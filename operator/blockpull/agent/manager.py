@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from blockpull.agent import status as st
@@ -19,8 +19,11 @@ from blockpull.agent import views
 from blockpull.agent.kube import Gone, KubeAPI, KubeAPIError, ObjectRef
 from blockpull.agent.leftovers import Leftovers
 from blockpull.agent.metrics import AgentMetrics, JobResult
+from blockpull.agent.record import PullRecord
 from blockpull.agent.reporter import ObjectReporter
 from blockpull.agent.runner import ObjectState, PullRunner
+from blockpull.agent.scheduler import NodeScheduler
+from blockpull.agent.scheduling import QueueKey
 from blockpull.agent.settings import AgentSettings
 from blockpull.agent.spec import PullSpec
 from blockpull.agent.ttl import TTLTimers
@@ -41,6 +44,30 @@ def _log_changed(ref: ObjectRef, problem: str, last: str, backoff: float) -> str
     return problem
 
 
+def queue_of(objects: Sequence[Mapping[str, Any]], node: str) -> tuple[list[str], list[tuple[str, QueueKey]]]:
+    """From a full list: the uids with a job in QEMU, and the keys of those that wait for one
+    (unfinished, not deleted, not paused, with a valid spec)."""
+    running: list[str] = []
+    waiting: list[tuple[str, QueueKey]] = []
+    for body in objects:
+        meta = body.get("metadata", {})
+        record = PullRecord.parse(body.get("status"))
+        if meta.get("deletionTimestamp") or record.terminal or body.get("spec", {}).get("nodeName") != node:
+            continue
+        ref = ObjectRef.of(body)
+        if record.started:
+            running.append(ref.uid)
+            continue
+        try:
+            spec = PullSpec.from_spec(body.get("spec", {}))
+        except InvalidSpec:
+            continue
+        created = st.parse_time(meta.get("creationTimestamp"))
+        if not spec.paused and created is not None:
+            waiting.append((ref.uid, QueueKey(created, ref.namespace, ref.name)))
+    return running, waiting
+
+
 class Agent:
     def __init__(
         self, settings: AgentSettings, kube: KubeAPI, vms: VMs, metrics: AgentMetrics | None = None
@@ -55,12 +82,40 @@ class Agent:
         self._background: set[asyncio.Task[Any]] = set()
         self._finished: set[str] = set()  # uids whose outcome this agent wrote
         self._refused: set[str] = set()  # uids being failed for an invalid spec
+        self.scheduler = NodeScheduler(limit=settings.max_concurrent, budget=settings.node_bandwidth)
         self._leftovers = Leftovers(
             settings,
             kube,
             vms,
             self.metrics,
             handled=lambda uid: uid in self._runners or uid in self._finished,
+        )
+
+    # --- start ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Before the first slot is granted (with a limit), see the node's full list of
+        objects: the ones with a job in QEMU keep their slots (they are re-attached first), the
+        others queue in creation order, whichever of them the watch happens to deliver first."""
+        if self.scheduler.is_open:
+            return
+        backoff = 1.0
+        while True:
+            try:
+                objects = await self.kube.node_objects(self.settings.watch_namespace)
+                break
+            except KubeAPIError as exc:
+                log.warning("could not list this node's BlockPulls to rebuild the queue (%s); retrying", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+        running, waiting = queue_of(objects, self.settings.node_name)
+        self.scheduler.expect(waiting, running)
+        self.scheduler.open()
+        log.info(
+            "node slots: %d in use by running jobs, %d objects queued (BLOCKPULL_MAX_CONCURRENT=%d)",
+            self.scheduler.holders,
+            self.scheduler.waiting,
+            self.settings.max_concurrent,
         )
 
     # --- observations -------------------------------------------------------------------------
@@ -119,7 +174,9 @@ class Agent:
         state = ObjectState(ref=ref, spec=spec, generation=generation, created=created)
         # The runner's updates move the generation forward.
         reporter = self._reporter(ref, status, lambda: state.generation)
-        runner = PullRunner(state, reporter, self.vms, self.settings, metrics=self.metrics)
+        runner = PullRunner(
+            state, reporter, self.vms, self.settings, metrics=self.metrics, scheduler=self.scheduler
+        )
         runner.collect_orphan = lambda driver, job: self._leftovers.collect_orphan(ref, driver, job)
         task = asyncio.create_task(self._supervise(runner), name=f"blockpull:{ref}")
         self._runners[ref.uid] = (runner, task)
@@ -149,6 +206,7 @@ class Agent:
             log.warning("%s: could not record the invalid spec (%s)", ref, problem)
             return
         self._finished.add(ref.uid)
+        self.scheduler.release(ref.uid)  # it may have been queued from a restart's list
         self.metrics.job_finished(ref, JobResult.FAILED)
         await reporter.event("Warning", "Failed", f"{exc.reason}: {exc.message}")
 
@@ -173,7 +231,10 @@ class Agent:
         except Gone:
             return
         finally:
+            # The runner is done: its job (if any) has ended, or it was stopped by a shutdown
+            # (which grants nothing more). Its slot and bandwidth share go to the next objects.
             self._runners.pop(ref.uid, None)
+            self.scheduler.release(ref.uid)
             self.metrics.forget(ref.uid)
             if st.is_terminal(runner.reporter.status):
                 self._finished.add(ref.uid)
@@ -208,6 +269,8 @@ class Agent:
         self._observed.pop(uid, None)
         self.metrics.forget(uid)
         self._ttl.cancel(uid)
+        if uid not in self._runners:
+            self.scheduler.release(uid)
 
     # --- deletion -----------------------------------------------------------------------------
 
@@ -228,6 +291,7 @@ class Agent:
                 )
             return
         # No runner (the agent restarted and the object was deleted meanwhile): cancel directly.
+        self.scheduler.release(ref.uid)  # it may have been queued from a restart's list
         await self._leftovers.abort(ref, body)
 
     # --- helpers ------------------------------------------------------------------------------
@@ -254,6 +318,7 @@ class Agent:
         Runners already finishing (outcome being written, job being dismissed) get a moment to
         end: cancelling them there would leave a concluded job in QEMU for the next start.
         """
+        self.scheduler.close()
         finishing = [task for runner, task in self._runners.values() if runner.finishing]
         if finishing:
             await asyncio.wait(finishing, timeout=SHUTDOWN_GRACE)

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import start_http_server
 
+from blockpull.agent.views import QUEUED
+
 if TYPE_CHECKING:  # the agent's entry point imports this before the Kubernetes client
     from blockpull.agent.kube import ObjectRef
 
@@ -79,7 +81,7 @@ class AgentMetrics:
         )
         self._queued = Gauge(
             "blockpull_jobs_queued",
-            "BlockPulls waiting for a node slot (reason Queued); 0 until the agent schedules slots",
+            "BlockPulls waiting for a node slot (BLOCKPULL_MAX_CONCURRENT; Pending reason Queued)",
             ["node"],
             registry=self.registry,
         )
@@ -173,8 +175,8 @@ class AgentMetrics:
             return
         self._pending[ref.uid] = reason
         if before is not None:
-            self._waiting.labels(self.node, before).dec()
-        self._waiting.labels(self.node, reason).inc()
+            self._pending_gauge(before).dec()
+        self._pending_gauge(reason).inc()
 
     def job_finished(self, ref: ObjectRef, result: JobResult) -> None:
         """The object reached an outcome (or its job was cancelled by a delete)."""
@@ -192,7 +194,11 @@ class AgentMetrics:
     def _not_pending(self, uid: str) -> None:
         reason = self._pending.pop(uid, None)
         if reason is not None:
-            self._waiting.labels(self.node, reason).dec()
+            self._pending_gauge(reason).dec()
+
+    def _pending_gauge(self, reason: str) -> Gauge:
+        # Queued objects are counted by blockpull_jobs_queued, not under a pending reason.
+        return self._queued.labels(self.node) if reason == QUEUED else self._waiting.labels(self.node, reason)
 
     def _drop_job(self, uid: str) -> None:
         job = self._jobs.pop(uid, None)

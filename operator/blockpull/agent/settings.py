@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 
 from blockpull.errors import InvalidSpec
 from blockpull.libvirt.templates import DEFAULT_DOMAIN_TEMPLATE, DomainTemplate, URITemplate
+from blockpull.quantity import parse_bandwidth
 
 DEFAULT_SOCKET_TEMPLATE = "/run/blockpull/{namespace}/{vm}.qmp"
+#: Jobs in QEMU at once per node: streams compete with the guests' own I/O for the node's
+#: storage. KubeVirt allows 2 outbound migrations per node, Longhorn 5 replica rebuilds.
+DEFAULT_MAX_CONCURRENT = 4
 #: Beside kopf's liveness port (8080); 9090 is Prometheus's own and 9100 node-exporter's.
 DEFAULT_METRICS_PORT = 8081
 #: sun_path is 108 bytes including the terminating NUL.
@@ -107,6 +111,10 @@ class AgentSettings:
     libvirt_uri: URITemplate | None = None
     #: BLOCKPULL_DOMAIN_TEMPLATE: the libvirt domain name of (namespace, spec.vm).
     domain_template: DomainTemplate = field(default_factory=DomainTemplate)
+    #: BLOCKPULL_MAX_CONCURRENT: at most this many jobs in QEMU at once on the node; 0: no limit.
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    #: BLOCKPULL_NODE_BANDWIDTH: bytes/s shared max-min fairly by the node's copying jobs; 0: none.
+    node_bandwidth: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AgentSettings:
@@ -155,6 +163,8 @@ class AgentSettings:
             log_level=_log_level(env.get("BLOCKPULL_LOG_LEVEL", "INFO")),
             libvirt_uri=libvirt_uri,
             domain_template=domains,
+            max_concurrent=_count(env, "BLOCKPULL_MAX_CONCURRENT", DEFAULT_MAX_CONCURRENT),
+            node_bandwidth=_bandwidth(env, "BLOCKPULL_NODE_BANDWIDTH"),
         )
 
 
@@ -169,6 +179,23 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     if not value > 0 or not math.isfinite(value):
         raise InvalidSpec(f"{name} must be a positive, finite number of seconds, got {raw!r}")
     return value
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise InvalidSpec(f"{name} must be a whole number (0: no limit), got {raw!r}")
+    return int(raw)
+
+
+def _bandwidth(env: Mapping[str, str], name: str) -> int:
+    raw = env.get(name, "").strip()
+    try:
+        return parse_bandwidth(int(raw) if raw.isdigit() else raw or None)
+    except InvalidSpec as exc:
+        raise InvalidSpec(f"{name}: {exc.message} (0 or unset: no budget)") from None
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -2,8 +2,8 @@
 
 Owns: turning `spec.bandwidth` and `spec.paused` into driver calls on a job that runs, and
 saying each change once (an Event and a log line), including an edit made while the agent
-was away. The bandwidth it applies is the one it is given, so that a node scheduler can hand
-out shares without the steering knowing.
+was away. The speed it sets is the job's share that the node scheduler hands out
+(`blockpull.agent.scheduler`): `spec.bandwidth` itself when the node has no budget.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from blockpull.agent.kube import ObjectRef
+from blockpull.agent.scheduler import NodeScheduler
 from blockpull.agent.views import rate
 from blockpull.driver import BlockJobDriver, Progress
 
@@ -22,10 +23,21 @@ EventSink = Callable[[str, str, str], Awaitable[None]]
 
 
 class Steering:
-    def __init__(self, ref: ObjectRef, job_id: str, event: EventSink) -> None:
+    def __init__(
+        self,
+        ref: ObjectRef,
+        job_id: str,
+        event: EventSink,
+        *,
+        scheduler: NodeScheduler,
+        on_share_change: Callable[[], None],
+    ) -> None:
         self._ref = ref
         self._job_id = job_id
         self._event = event
+        self._scheduler = scheduler
+        #: Called when another job's start, end, pause or edit moved this job's share.
+        self._on_share_change = on_share_change
         #: spec.paused as last applied; None until the first apply (a re-attach).
         self._applied_paused: bool | None = None
         #: spec.paused asks for a pause the driver cannot do (libvirt): the job keeps running.
@@ -35,13 +47,28 @@ class Steering:
         """The job was started with this state (it needs no steering yet)."""
         self._applied_paused = paused
 
+    def starting(self, own_bandwidth: int) -> int:
+        """The speed a job about to start gets: its share."""
+        return self._scheduler.copying(self._ref.uid, own_bandwidth, self._on_share_change)
+
     async def apply(
-        self, driver: BlockJobDriver, job: Progress, *, bandwidth: int, paused: bool, initial: bool
+        self, driver: BlockJobDriver, job: Progress, *, own_bandwidth: int, paused: bool, initial: bool
     ) -> None:
-        """Bring the job in line with `bandwidth` and `paused` (a no-op when it already is)."""
+        """Bring the job in line with its share of `own_bandwidth` (spec.bandwidth) and with
+        `paused` (a no-op when it already is)."""
+        if paused and driver.can_pause:
+            # A paused job copies nothing: it takes no share of the node's budget meanwhile.
+            self._scheduler.stopped_copying(self._ref.uid)
+            bandwidth = job.speed
+        else:
+            bandwidth = self.starting(own_bandwidth)
         if job.speed != bandwidth:
             await driver.set_speed(self._job_id, bandwidth)
-            await self._say("Normal", "BandwidthChanged", f"bandwidth {rate(job.speed)} -> {rate(bandwidth)}")
+            budget = self._scheduler.budget
+            share = f" (its share of the node's budget of {rate(budget)})" if budget else ""
+            await self._say(
+                "Normal", "BandwidthChanged", f"bandwidth {rate(job.speed)} -> {rate(bandwidth)}{share}"
+            )
         self.pause_unsupported = paused and not driver.can_pause
         if self.pause_unsupported:
             # libvirt has no block-job pause: say so once per request and leave the job

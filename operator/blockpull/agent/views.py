@@ -37,6 +37,15 @@ def chain_entries(chain: Sequence[ChainImage]) -> list[dict[str, str]]:
     return [{"node": image.node, "file": image.filename} for image in chain]
 
 
+#: The Pending reason of an object waiting for one of the node's slots (BLOCKPULL_MAX_CONCURRENT).
+QUEUED = "Queued"
+
+
+def queued_message(ahead: int, limit: int) -> str:
+    """Its place when it was queued (not rewritten as the queue moves)."""
+    return f"waiting for one of the node's {limit} job slots (BLOCKPULL_MAX_CONCURRENT); {ahead} ahead of it"
+
+
 def pending(reason: str, message: str, rejected: Rejected = None) -> st.StatusView:
     return st.StatusView(phase=st.PENDING, reason=reason, message=message + rejected_note(rejected))
 
