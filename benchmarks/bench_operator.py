@@ -273,6 +273,9 @@ class AgentProcess:
             "BLOCKPULL_LIVENESS_PORT": str(self.port),
             "BLOCKPULL_METRICS_PORT": str(self.metrics_port),
             "BLOCKPULL_LOG_LEVEL": args.log_level,
+            # No node slot limit unless --agent-env sets one: every object starts at once, as
+            # before the scheduler (benchmarks/bench_scheduling.py measures the queue).
+            "BLOCKPULL_MAX_CONCURRENT": "0",
             "PYTHONUNBUFFERED": "1",
         }
         # An installed agent has its bytecode compiled; do not recompile it on every start.

@@ -79,6 +79,19 @@ def test_settings_from_env_fail_fast() -> None:
     assert settings.status_interval == 0.5
     assert settings.liveness_port is None
     assert settings.socket_template.template == "/run/blockpull/{namespace}/{vm}.qmp"
+    assert (settings.max_concurrent, settings.node_bandwidth) == (4, 0)
+
+
+def test_node_scheduling_settings() -> None:
+    settings = AgentSettings.from_env(
+        {"NODE_NAME": "n", "BLOCKPULL_MAX_CONCURRENT": "0", "BLOCKPULL_NODE_BANDWIDTH": "200Mi"}
+    )
+    assert (settings.max_concurrent, settings.node_bandwidth) == (0, 200 << 20)
+    assert (
+        AgentSettings.from_env({"NODE_NAME": "n", "BLOCKPULL_NODE_BANDWIDTH": "1048576"}).node_bandwidth
+        == 1 << 20
+    )
+    assert AgentSettings.from_env({"NODE_NAME": "n", "BLOCKPULL_NODE_BANDWIDTH": "0"}).node_bandwidth == 0
 
 
 @pytest.mark.parametrize(
@@ -88,6 +101,10 @@ def test_settings_from_env_fail_fast() -> None:
         ("BLOCKPULL_POLL_INTERVAL", "inf"),
         ("BLOCKPULL_STATUS_INTERVAL", "nan"),
         ("BLOCKPULL_DELETE_TIMEOUT", "-1"),
+        ("BLOCKPULL_MAX_CONCURRENT", "-1"),
+        ("BLOCKPULL_MAX_CONCURRENT", "two"),
+        ("BLOCKPULL_NODE_BANDWIDTH", "fast"),
+        ("BLOCKPULL_NODE_BANDWIDTH", "-8Mi"),
     ],
 )
 def test_bad_values_are_refused_at_start(name: str, value: str) -> None:
@@ -101,6 +118,7 @@ def test_bad_values_are_refused_at_start(name: str, value: str) -> None:
         {"BLOCKPULL_LOG_LEVEL": "LOUD"},
         {"KUBECONFIG": "/nonexistent/kubeconfig"},
         {"BLOCKPULL_POLL_INTERVAL": "inf"},
+        {"BLOCKPULL_NODE_BANDWIDTH": "lots"},
     ],
 )
 def test_the_agent_says_what_is_wrong_in_one_line_and_exits_2(env: dict[str, str]) -> None:
