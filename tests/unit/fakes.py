@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from blockpull.agent.clock import WallClock
 from blockpull.agent.kube import ObjectRef
 from blockpull.driver import CANCELLED_ERROR, ChainImage, Progress, StartedJob, StreamRequest
 from blockpull.errors import DiskBusy, JobNotFound, VMNotFound
 
 MiB = 1 << 20
+#: Controlled time starts here (the objects' creationTimestamp in `body`).
+EPOCH = datetime.datetime(2026, 12, 4, 10, 0, tzinfo=datetime.UTC)
 
 
 class FakeWatch:
@@ -212,13 +216,23 @@ def body(
     }
 
 
-async def eventually(probe: Any, timeout: float = 5.0, what: str = "condition") -> Any:
+def loop_clock(epoch: datetime.datetime = EPOCH) -> WallClock:
+    """A wall clock that follows the event loop's time from `epoch`: with looptime, the
+    agent's deadlines, TTLs and timestamps run on the same controlled time as its sleeps."""
+    loop = asyncio.get_running_loop()
+    return lambda: epoch + datetime.timedelta(seconds=loop.time())
+
+
+async def eventually(probe: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Until `probe()` is true, looking every 10 ms (every 1/2000 of a longer timeout: on
+    controlled time an hour's wait is then a few thousand looks, not hundreds of thousands)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    step = max(0.01, timeout / 2000)
     while True:
         value = probe()
         if value:
             return value
         if loop.time() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(step)

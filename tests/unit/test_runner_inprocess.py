@@ -1,7 +1,9 @@
 """The agent in-process: the real Agent, runners, reporters and protocol sequences over a fake
-driver and a recording Kubernetes API, with production intervals shortened. Covers what the
-process tests cannot pin down cheaply: the order of the durable end, the once-only warnings,
-and the collection of an orphaned job."""
+driver and a recording Kubernetes API, on controlled time (looptime: the event loop's clock
+fast-forwards whenever the agent waits, and the agent's wall clock follows it), with the
+production intervals. Covers what the process tests cannot pin down cheaply: the order of the
+durable end, the once-only warnings, the collection of an orphaned job, and what hours of
+waiting cost."""
 
 from __future__ import annotations
 
@@ -15,22 +17,16 @@ from blockpull.agent.settings import AgentSettings
 from blockpull.agent.status import is_terminal
 from blockpull.driver import StreamRequest
 
-from .fakes import FakeDriver, FakeKube, FakeVMs, MiB, body, eventually
+from .fakes import FakeDriver, FakeKube, FakeVMs, MiB, body, eventually, loop_clock
+
+pytestmark = pytest.mark.looptime
 
 
 @pytest.fixture
 async def world() -> AsyncIterator[tuple[Agent, FakeKube, FakeDriver]]:
-    settings = AgentSettings.from_env(
-        {
-            "NODE_NAME": "node-a",
-            "BLOCKPULL_LIVENESS_PORT": "0",
-            "BLOCKPULL_POLL_INTERVAL": "0.05",
-            "BLOCKPULL_STATUS_INTERVAL": "0.05",
-            "BLOCKPULL_PENDING_BACKOFF_MAX": "0.1",
-        }
-    )
+    settings = AgentSettings.from_env({"NODE_NAME": "node-a", "BLOCKPULL_LIVENESS_PORT": "0"})
     kube, driver = FakeKube(), FakeDriver()
-    agent = Agent(settings, kube, FakeVMs({"web-1": driver}))  # type: ignore[arg-type]
+    agent = Agent(settings, kube, FakeVMs({"web-1": driver}), clock=loop_clock())  # type: ignore[arg-type]
     await agent.start()
     yield agent, kube, driver
     async with asyncio.timeout(10):  # a shutdown that hangs fails the test instead
@@ -128,3 +124,26 @@ async def test_a_job_of_another_client_is_named_with_the_command_that_collects_i
 
 def _request(job_id: str) -> StreamRequest:
     return StreamRequest(disk="vda", job_id=job_id)
+
+
+async def test_an_hour_waiting_for_a_vm_costs_three_status_writes_then_the_deadline_and_ttl_hold(
+    world: tuple[Agent, FakeKube, FakeDriver],
+) -> None:
+    """On controlled time: an hour of retries against an absent VM (backoff capped at 5 s)
+    writes the status three times in all; the deadline fails it at 3600 s after creation, and
+    the TTL deletes it 600 s after its completionTime."""
+    agent, kube, _ = world
+    loop = asyncio.get_running_loop()
+    uid = "66666666-6666-6666-6666-666666666666"
+    agent.observe(body("p", uid, vm="web-9", activeDeadlineSeconds=3600, ttlSecondsAfterFinished=600))
+    await eventually(lambda: kube.statuses.get("p", {}).get("reason") == "WaitingForVM", what="waiting")
+    await eventually(lambda: is_terminal(kube.statuses["p"]), timeout=4000, what="the deadline")
+    failed_at = loop.time()
+    assert kube.statuses["p"]["reason"] == "DeadlineExceeded"
+    assert 3600 <= failed_at < 3600 + 6, failed_at  # within one capped backoff of the deadline
+    assert kube.writes_of["p"] == 3, "Starting, WaitingForVM, Failed: no rewrite per retry"
+    assert kube.statuses["p"]["completionTime"] == "2026-12-04T11:00:00Z"
+
+    agent.observe(body("p", uid, status=kube.statuses["p"], vm="web-9", ttlSecondsAfterFinished=600))
+    await eventually(lambda: kube.writes["delete"] == 1, timeout=700, what="the TTL delete")
+    assert 3600 + 600 <= loop.time() < 3600 + 602

@@ -1,12 +1,12 @@
-"""Node scheduling in-process: the real Agent, runners and scheduler over fake VMs (one disk
-each) and a recording API. The process tests with real QEMUs show the same on QEMU's side;
-these pin down what is cheap to check exhaustively here: the writes of queued objects, the
-start order, and the rebuild after a restart."""
+"""Node scheduling in-process, on controlled time (looptime) with the production intervals:
+the real Agent, runners and scheduler over fake VMs (one disk each) and a recording API. The
+process tests with real QEMUs show the same on QEMU's side; these pin down what is cheap to
+check exhaustively here: the writes of queued objects, the start order, a deadline while
+queued, and the rebuild after a restart."""
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,7 +17,9 @@ from blockpull.agent.settings import AgentSettings
 from blockpull.agent.status import is_terminal
 from blockpull.driver import StreamRequest
 
-from .fakes import FakeDriver, FakeKube, FakeVMs, MiB, body, eventually
+from .fakes import FakeDriver, FakeKube, FakeVMs, MiB, body, eventually, loop_clock
+
+pytestmark = pytest.mark.looptime
 
 VMS = [f"web-{i}" for i in range(1, 6)]
 World = tuple[Agent, FakeKube, dict[str, FakeDriver]]
@@ -46,19 +48,10 @@ async def make_world() -> AsyncIterator[MakeWorld]:
     agents: list[Agent] = []
 
     async def make(kube: FakeKube | None = None, **env: str) -> World:
-        settings = AgentSettings.from_env(
-            {
-                "NODE_NAME": "node-a",
-                "BLOCKPULL_LIVENESS_PORT": "0",
-                "BLOCKPULL_POLL_INTERVAL": "0.05",
-                "BLOCKPULL_STATUS_INTERVAL": "0.05",
-                "BLOCKPULL_PENDING_BACKOFF_MAX": "0.1",
-                **env,
-            }
-        )
+        settings = AgentSettings.from_env({"NODE_NAME": "node-a", "BLOCKPULL_LIVENESS_PORT": "0", **env})
         drivers = {vm: FakeDriver() for vm in VMS}
         kube = kube or FakeKube()
-        agent = Agent(settings, kube, FakeVMs(dict(drivers)))  # type: ignore[arg-type]
+        agent = Agent(settings, kube, FakeVMs(dict(drivers)), clock=loop_clock())  # type: ignore[arg-type]
         agents.append(agent)
         await agent.start()
         return agent, kube, drivers
@@ -150,17 +143,16 @@ async def test_a_paused_job_keeps_its_slot_and_one_created_paused_holds_none(mak
 
 
 async def test_deadlines_count_while_queued(make_world: MakeWorld) -> None:
-    agent, kube, _ = await make_world(BLOCKPULL_MAX_CONCURRENT="1")
-    agent.observe(pull(1))
-    late = pull(2, activeDeadlineSeconds=1)
-    late["metadata"]["creationTimestamp"] = kube_now()
-    agent.observe(late)
-    await eventually(lambda: phase(kube, "p2") == ("Failed", "DeadlineExceeded"), timeout=5, what="deadline")
-    assert "Queued" in kube.statuses["p2"]["message"] or "ahead" in kube.statuses["p2"]["message"]
-
-
-def kube_now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    agent, kube, drivers = await make_world(BLOCKPULL_MAX_CONCURRENT="1")
+    loop = asyncio.get_running_loop()
+    agent.observe(pull(1, minute=0))
+    agent.observe(pull(2, minute=0, activeDeadlineSeconds=600))  # created at the start of time
+    await eventually(lambda: phase(kube, "p2") == ("Pending", "Queued"), what="p2 queued")
+    await eventually(lambda: phase(kube, "p2")[0] == "Failed", timeout=700, what="deadline")
+    assert phase(kube, "p2") == ("Failed", "DeadlineExceeded")
+    assert 600 <= loop.time() < 601, "woken by the deadline itself, not by a poll"
+    assert "ahead of it" in kube.statuses["p2"]["message"], "the message says what it waited for"
+    assert drivers["web-2"].calls == [] and kube.writes_of["p2"] == 2, "Queued, Failed: nothing else"
 
 
 async def test_a_restart_rebuilds_the_queue_before_granting_any_slot(make_world: MakeWorld) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from blockpull.agent import status as st
 from blockpull.agent import views
+from blockpull.agent.clock import WallClock, utc_now
 from blockpull.agent.kube import Gone, KubeAPI, KubeAPIError, ObjectRef
 from blockpull.agent.leftovers import Leftovers
 from blockpull.agent.metrics import AgentMetrics, JobResult
@@ -70,7 +70,13 @@ def queue_of(objects: Sequence[Mapping[str, Any]], node: str) -> tuple[list[str]
 
 class Agent:
     def __init__(
-        self, settings: AgentSettings, kube: KubeAPI, vms: VMs, metrics: AgentMetrics | None = None
+        self,
+        settings: AgentSettings,
+        kube: KubeAPI,
+        vms: VMs,
+        metrics: AgentMetrics | None = None,
+        *,
+        clock: WallClock = utc_now,
     ) -> None:
         self.settings = settings
         self.kube = kube
@@ -78,7 +84,9 @@ class Agent:
         self.metrics = metrics or AgentMetrics(settings.node_name)
         self._observed: dict[str, int] = {}  # finished objects: the generation last written
         self._runners: dict[str, tuple[PullRunner, asyncio.Task[None]]] = {}
-        self._ttl = TTLTimers(kube)
+        #: The wall clock of every timestamp, deadline and TTL (controlled time in tests).
+        self.clock = clock
+        self._ttl = TTLTimers(kube, clock)
         self._background: set[asyncio.Task[Any]] = set()
         self._finished: set[str] = set()  # uids whose outcome this agent wrote
         self._refused: set[str] = set()  # uids being failed for an invalid spec
@@ -170,12 +178,18 @@ class Agent:
         generation: int,
         meta: Mapping[str, Any],
     ) -> None:
-        created = st.parse_time(meta.get("creationTimestamp")) or datetime.datetime.now(datetime.UTC)
+        created = st.parse_time(meta.get("creationTimestamp")) or self.clock()
         state = ObjectState(ref=ref, spec=spec, generation=generation, created=created)
         # The runner's updates move the generation forward.
         reporter = self._reporter(ref, status, lambda: state.generation)
         runner = PullRunner(
-            state, reporter, self.vms, self.settings, metrics=self.metrics, scheduler=self.scheduler
+            state,
+            reporter,
+            self.vms,
+            self.settings,
+            metrics=self.metrics,
+            scheduler=self.scheduler,
+            clock=self.clock,
         )
         runner.collect_orphan = lambda driver, job: self._leftovers.collect_orphan(ref, driver, job)
         task = asyncio.create_task(self._supervise(runner), name=f"blockpull:{ref}")
@@ -191,6 +205,7 @@ class Agent:
             interval=self.settings.status_interval,
             status=status,
             generation=generation,
+            now=self.clock,
         )
 
     async def _refuse(
@@ -200,7 +215,9 @@ class Agent:
         with no runner (nothing is ever sent to a VM for it)."""
         reporter = self._reporter(ref, status, lambda: generation)
         try:
-            await reporter.transition(views.failed(exc.reason, exc.message, None, st.now_rfc3339()))
+            await reporter.transition(
+                views.failed(exc.reason, exc.message, None, st.now_rfc3339(self.clock()))
+            )
         except KubeAPIError as problem:
             self._refused.discard(ref.uid)  # tried again at the object's next watch event
             log.warning("%s: could not record the invalid spec (%s)", ref, problem)

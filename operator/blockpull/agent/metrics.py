@@ -73,6 +73,20 @@ class AgentMetrics:
         self._wall = wall
         self._jobs: dict[str, _Job] = {}
         self._pending: dict[str, str] = {}  # uid -> Pending reason
+        self._declare_families()
+        # Every node-labelled family has its series from the start (0), so rate() and
+        # absent() work before the first job; per-result children too.
+        self._active.labels(node).set(0)
+        self._queued.labels(node).set(0)
+        self._streamed.labels(node)
+        for reason in self.PENDING_REASONS:
+            self._waiting.labels(node, reason).set(0)
+        for result in JobResult:
+            self._finished.labels(node, result.value)
+            self._duration.labels(node, result.value)
+
+    def _declare_families(self) -> None:
+        """The contract's families (and `blockpull_jobs_pending`), in this agent's registry."""
         self._active = Gauge(
             "blockpull_jobs_active",
             "BlockPulls with a job in QEMU now (running or paused)",
@@ -124,16 +138,6 @@ class AgentMetrics:
             ["namespace", "name", "node"],
             registry=self.registry,
         )
-        # Every node-labelled family has its series from the start (0), so rate() and
-        # absent() work before the first job; per-result children too.
-        self._active.labels(node).set(0)
-        self._queued.labels(node).set(0)
-        self._streamed.labels(node)
-        for reason in self.PENDING_REASONS:
-            self._waiting.labels(node, reason).set(0)
-        for result in JobResult:
-            self._finished.labels(node, result.value)
-            self._duration.labels(node, result.value)
 
     # --- what runners and the manager report ----------------------------------------------
 

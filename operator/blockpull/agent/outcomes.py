@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from blockpull.agent import status as st
 from blockpull.agent import views
+from blockpull.agent.clock import WallClock, utc_now
 from blockpull.agent.kube import ObjectRef
 from blockpull.agent.metrics import AgentMetrics, JobResult
 from blockpull.agent.record import PullRecord
@@ -24,9 +25,15 @@ log = logging.getLogger(__name__)
 
 class OutcomeWriter:
     def __init__(
-        self, ref: ObjectRef, reporter: Reporter, metrics: AgentMetrics, record: Callable[[], PullRecord]
+        self,
+        ref: ObjectRef,
+        reporter: Reporter,
+        metrics: AgentMetrics,
+        record: Callable[[], PullRecord],
+        clock: WallClock = utc_now,
     ) -> None:
         self._ref = ref
+        self._clock = clock
         self._reporter = reporter
         self._metrics = metrics
         self._record = record
@@ -45,13 +52,13 @@ class OutcomeWriter:
             )
 
     async def completed(self, outcome: Outcome | None, note: str | None) -> None:
-        view = views.completed(self._record(), outcome, note, st.now_rfc3339())
+        view = views.completed(self._record(), outcome, note, st.now_rfc3339(self._clock()))
         await self._reporter.transition(view)
         self._count(JobResult.COMPLETED, outcome)
         await self._reporter.event("Normal", "Completed", view.message)
 
     async def failed(self, reason: str, message: str, outcome: Outcome | None = None) -> None:
-        await self._reporter.transition(views.failed(reason, message, outcome, st.now_rfc3339()))
+        await self._reporter.transition(views.failed(reason, message, outcome, st.now_rfc3339(self._clock())))
         self._count(JobResult.CANCELLED if reason == "Cancelled" else JobResult.FAILED, outcome)
         await self._reporter.event("Warning", "Failed", f"{reason}: {message}")
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from blockpull.agent import status as st
+from blockpull.agent.clock import WallClock, utc_now
 from blockpull.agent.kube import Gone, KubeAPI, KubeAPIError, ObjectRef
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ class ObjectReporter:
         interval: float,
         status: Mapping[str, Any] | None,
         generation: Callable[[], int],
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
+        now: WallClock = utc_now,
     ) -> None:
         self._kube = kube
         self._ref = ref
@@ -51,7 +52,10 @@ class ObjectReporter:
         self._interval = interval
         self._status: dict[str, Any] = dict(status or {})
         self._generation = generation
-        self._clock = clock
+        #: The throttle's clock: the event loop's unless told (controlled time in tests).
+        self._clock = clock or (lambda: asyncio.get_running_loop().time())
+        #: Condition timestamps.
+        self._now = now
         self._last_write = float("-inf")
         #: A write started by `transition_soon`; the next write waits for it (order kept).
         self._in_flight: asyncio.Task[None] | None = None
@@ -94,7 +98,11 @@ class ObjectReporter:
             log.warning("%s: not overwriting the recorded outcome with phase %s", self._ref, view.phase)
             return
         new = st.build_status(
-            self._status, view, generation=self._generation(), now=st.now_rfc3339(), node_name=self._node_name
+            self._status,
+            view,
+            generation=self._generation(),
+            now=st.now_rfc3339(self._now()),
+            node_name=self._node_name,
         )
         delay = 0.2
         for attempt in range(_WRITE_ATTEMPTS):

@@ -29,6 +29,7 @@ from typing import Any
 from blockpull import pull as protocol
 from blockpull.agent import status as st
 from blockpull.agent import views
+from blockpull.agent.clock import WallClock, utc_now
 from blockpull.agent.ending import JobEnding
 from blockpull.agent.following import JobFollower
 from blockpull.agent.kube import ObjectRef
@@ -93,6 +94,7 @@ class PullRunner:
         *,
         metrics: AgentMetrics | None = None,
         scheduler: NodeScheduler | None = None,
+        clock: WallClock = utc_now,
     ) -> None:
         self.state = state
         self.reporter = reporter
@@ -105,7 +107,9 @@ class PullRunner:
             deadline=lambda: self.state.spec.active_deadline_seconds,
             # Not started yet (queued, say): the deadline counts from the object's creation.
             since=lambda: self.record.start_time or self.state.created,
+            clock=clock,
         )
+        self._clock = clock
         self.steering = Steering(
             state.ref,
             self.job_id,
@@ -113,7 +117,7 @@ class PullRunner:
             scheduler=self.scheduler,
             on_share_change=self.wakeups.changed.set,
         )
-        self.outcomes = OutcomeWriter(state.ref, reporter, self.metrics, lambda: self.record)
+        self.outcomes = OutcomeWriter(state.ref, reporter, self.metrics, lambda: self.record, clock)
         self.ending = JobEnding(
             state.ref,
             self.job_id,
@@ -338,7 +342,7 @@ class PullRunner:
             ) from exc
         self.steering.started(paused=False)
         await self.reporter.transition(
-            views.started(self.job_id, spec.disk, started, bandwidth, st.now_rfc3339())
+            views.started(self.job_id, spec.disk, started, bandwidth, st.now_rfc3339(self._clock()))
         )
         self.metrics.job_started(self.state.ref)
         await self.reporter.event("Normal", "Started", f"started QEMU job {self.job_id} on {spec.disk}")

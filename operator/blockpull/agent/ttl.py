@@ -15,14 +15,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from blockpull.agent import status as st
+from blockpull.agent.clock import WallClock, utc_now
 from blockpull.agent.kube import Gone, KubeAPI, KubeAPIError, ObjectRef
 
 log = logging.getLogger(__name__)
 
 
 class TTLTimers:
-    def __init__(self, kube: KubeAPI) -> None:
+    def __init__(self, kube: KubeAPI, clock: WallClock = utc_now) -> None:
         self._kube = kube
+        self._clock = clock
         self._timers: dict[str, tuple[datetime.datetime, asyncio.Task[None]]] = {}
 
     def schedule(self, ref: ObjectRef, body: Mapping[str, Any]) -> None:
@@ -54,7 +56,7 @@ class TTLTimers:
                 await task
 
     async def _delete_at(self, ref: ObjectRef, due: datetime.datetime) -> None:
-        delay = (due - datetime.datetime.now(datetime.UTC)).total_seconds()
+        delay = (due - self._clock()).total_seconds()
         await asyncio.sleep(max(0.0, delay))
         try:
             await self._kube.delete(ref)

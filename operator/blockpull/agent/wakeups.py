@@ -13,9 +13,7 @@ import datetime
 from collections.abc import Callable
 from typing import Any
 
-
-def utc_now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
+from blockpull.agent.clock import WallClock, utc_now
 
 
 class Wakeups:
@@ -24,7 +22,7 @@ class Wakeups:
         *,
         deadline: Callable[[], int | None],
         since: Callable[[], datetime.datetime],
-        clock: Callable[[], datetime.datetime] = utc_now,
+        clock: WallClock = utc_now,
     ) -> None:
         #: `activeDeadlineSeconds` now (it may be edited) and what it counts from (the job's
         #: start, or the object's creation while no job was started: queued time counts).
