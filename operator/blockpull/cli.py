@@ -31,7 +31,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 from blockpull import pull as protocol
 from blockpull.cli_render import (
@@ -218,6 +218,10 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+#: What `add_subparsers` returns (argparse's type for it is private).
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blockpull",
@@ -228,19 +232,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # In the order `--help` lists them.
+    for add in (_add_pull, _add_wait, _add_jobs, _add_abort, _add_chain):
+        add(commands)
+    return parser
 
-    def command(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(
-            name,
-            help=help_text,
-            description=description,
-            epilog="exit status: see `blockpull --help`",
-        )
-        sub.add_argument("socket", metavar="SOCKET", help="the QMP monitor's unix socket")
-        _global_options(sub, top=False)
-        return sub
 
-    pull = command(
+def _command(commands: _Commands, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand with what every one takes: SOCKET and the connection and output options."""
+    sub = commands.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        epilog="exit status: see `blockpull --help`",
+    )
+    sub.add_argument("socket", metavar="SOCKET", help="the QMP monitor's unix socket")
+    _global_options(sub, top=False)
+    return sub
+
+
+def _add_pull(commands: _Commands) -> None:
+    pull = _command(
+        commands,
         "pull",
         "copy the data of a disk's backing images into it",
         "Start a block-stream job into DISK and, unless --no-wait, follow it to its end with a "
@@ -250,7 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _pull_options(pull)
 
-    wait = command(
+
+def _add_wait(commands: _Commands) -> None:
+    wait = _command(
+        commands,
         "wait",
         "re-attach to a job, follow it to its end, report and dismiss it",
         "Follow block job JOB (e.g. started with `pull --no-wait`) from this process until it "
@@ -260,14 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("job", metavar="JOB", help="the job id")
     _follow_options(wait)
 
-    command(
+
+def _add_jobs(commands: _Commands) -> None:
+    _command(
+        commands,
         "jobs",
         "list block jobs (running and concluded)",
         "List QEMU's jobs: id, type, status, outcome of a concluded job, progress, offset/len, "
         "speed limit, paused, I/O status and error. Changes nothing.",
     )
 
-    abort = command(
+
+def _add_abort(commands: _Commands) -> None:
+    abort = _command(
+        commands,
         "abort",
         "cancel a block job, wait for QEMU to confirm, report and dismiss it",
         "Cancel block job JOB (running or paused), wait for QEMU to confirm (at most "
@@ -276,14 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     abort.add_argument("job", metavar="JOB", help="the job id")
 
-    chain = command(
+
+def _add_chain(commands: _Commands) -> None:
+    chain = _command(
+        commands,
         "chain",
         "print a disk's backing chain, active image first",
         "Print DISK's backing chain: node name, format, virtual size, file and the backing "
         "name recorded in each image's header, active image first. Changes nothing.",
     )
     chain.add_argument("disk", metavar="DISK", help="node-name, drive id, device id or image path")
-    return parser
 
 
 def _pull_options(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 from blockpull.errors import InvalidSpec
 from blockpull.kubectl.config import PluginError
@@ -123,6 +123,10 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     group.add_argument("--debug", action="store_true", default=default(False), help="show tracebacks")
 
 
+#: What `add_subparsers` returns (argparse's type for it is private).
+_Commands: TypeAlias = "argparse._SubParsersAction[_Parser]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -133,7 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    # In the order `--help` lists them. Each takes kubectl's flags after its name too.
+    for add in (_add_create, _add_wait, _add_watch, _add_abort):
+        _global_options(add(commands), top=False)
+    return parser
 
+
+def _add_create(commands: _Commands) -> argparse.ArgumentParser:
     create = commands.add_parser(
         "create",
         help="create a BlockPull (and with --wait, follow it to its outcome)",
@@ -150,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", metavar="NAME", help="object name (default: generated from VM and DISK)")
     create.add_argument("--wait", action="store_true", help="follow it like `wait` until its outcome")
     create.add_argument("--timeout", type=duration, metavar="DURATION", help="with --wait: give up after")
-    _global_options(create, top=False)
+    return create
 
+
+def _add_wait(commands: _Commands) -> argparse.ArgumentParser:
     wait = commands.add_parser(
         "wait",
         help="wait until the named BlockPulls have an outcome (1 as soon as one failed)",
@@ -160,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wait.add_argument("names", nargs="+", metavar="NAME")
     wait.add_argument("--timeout", type=duration, metavar="DURATION", help="default: no limit; 0: check once")
-    _global_options(wait, top=False)
+    return wait
 
+
+def _add_watch(commands: _Commands) -> argparse.ArgumentParser:
     watch = commands.add_parser(
         "watch",
         help="live view of BlockPulls until all have an outcome",
@@ -172,8 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("names", nargs="*", metavar="NAME")
     watch.add_argument("-l", "--selector", metavar="SELECTOR", help="label selector, e.g. app=web")
     watch.add_argument("--timeout", type=duration, metavar="DURATION", help="default: no limit")
-    _global_options(watch, top=False)
+    return watch
 
+
+def _add_abort(commands: _Commands) -> argparse.ArgumentParser:
     abort = commands.add_parser(
         "abort",
         help="delete a BlockPull and wait until its job is cancelled and the object gone",
@@ -189,8 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ABORT_TIMEOUT,
         help="give up waiting after this (default: 2m)",
     )
-    _global_options(abort, top=False)
-    return parser
+    return abort
 
 
 def _pflag_style(argv: list[str]) -> list[str]:

@@ -503,36 +503,11 @@ def run_abort(args: argparse.Namespace, target: Target, out: TextIO, err: TextIO
     key = (target.namespace, name)
     original = followed.objects[key].pull
     uid = original.uid
-    try:
-        with target.api_client() as client:
-            kubernetes.client.CustomObjectsApi(client).delete_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                target.namespace,
-                PLURAL,
-                name,
-                # Only the object we looked at: never one re-created under the same name meanwhile.
-                body=kubernetes.client.V1DeleteOptions(
-                    preconditions=kubernetes.client.V1Preconditions(uid=uid)
-                ),
-                _request_timeout=target.request_timeout,
-            )
-    except ApiException as exc:
-        if exc.status not in (404, 409):  # gone already (409: precondition, another uid now)
-            raise api_error(exc, f'deleting {RESOURCE} "{name}"') from None
-    except (HTTPError, OSError) as exc:
-        raise api_error(exc, f'deleting {RESOURCE} "{name}"') from None
+    _delete_exactly(target, name, uid)
     last = _follow_until_gone(target, scope, followed, key=key, uid=uid, first=first, timeout=args.timeout)
     if last is None:
         pull = followed.objects[key].pull if followed.objects[key].pull.uid == uid else original
-        raise PluginError(
-            f"timed out after {args.timeout:g}s: {KIND_PREFIX}/{name} is still being deleted "
-            f"({pull.phase or 'no status'}{' at ' + pull.progress if pull.progress else ''}): is the "
-            f"blockpull agent of node {pull.node or '?'} running? Without it the finalizer stays; "
-            f"to let the object go anyway: kubectl patch bp {name} -n {target.namespace} --type=merge "
-            """-p '{"metadata":{"finalizers":null}}'""",
-            EXIT_TIMEOUT,
-        )
+        raise _still_deleting(target, name, pull, args.timeout)
     result, message = _abort_story(target, last)
     if args.output == "json":
         doc = {
@@ -553,6 +528,41 @@ def run_abort(args: argparse.Namespace, target: Target, out: TextIO, err: TextIO
     if result == "unconfirmed":
         warning(err, f"QEMU did not confirm the cancel of {name}; the job may still exist in QEMU")
     return EXIT_OK
+
+
+def _delete_exactly(target: Target, name: str, uid: str) -> None:
+    """Delete BlockPull `name` if it is still the object `uid`; one already gone is fine."""
+    try:
+        with target.api_client() as client:
+            kubernetes.client.CustomObjectsApi(client).delete_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                target.namespace,
+                PLURAL,
+                name,
+                # Only the object we looked at: never one re-created under the same name meanwhile.
+                body=kubernetes.client.V1DeleteOptions(
+                    preconditions=kubernetes.client.V1Preconditions(uid=uid)
+                ),
+                _request_timeout=target.request_timeout,
+            )
+    except ApiException as exc:
+        if exc.status not in (404, 409):  # gone already (409: precondition, another uid now)
+            raise api_error(exc, f'deleting {RESOURCE} "{name}"') from None
+    except (HTTPError, OSError) as exc:
+        raise api_error(exc, f'deleting {RESOURCE} "{name}"') from None
+
+
+def _still_deleting(target: Target, name: str, pull: Pull, timeout: float) -> PluginError:
+    """`abort`'s timeout: the object is still there, most likely held by its agent's finalizer."""
+    return PluginError(
+        f"timed out after {timeout:g}s: {KIND_PREFIX}/{name} is still being deleted "
+        f"({pull.phase or 'no status'}{' at ' + pull.progress if pull.progress else ''}): is the "
+        f"blockpull agent of node {pull.node or '?'} running? Without it the finalizer stays; "
+        f"to let the object go anyway: kubectl patch bp {name} -n {target.namespace} --type=merge "
+        """-p '{"metadata":{"finalizers":null}}'""",
+        EXIT_TIMEOUT,
+    )
 
 
 def _follow_until_gone(
