@@ -424,7 +424,8 @@ class LibvirtConnection:
         impl = libvirtaio.getCurrentImpl()
         if impl is not None and impl.loop is asyncio.get_running_loop():
             with contextlib.suppress(TimeoutError, AssertionError):
-                await asyncio.wait_for(impl.drain(), 1.0)
+                async with asyncio.timeout(1.0):  # not wait_for: see blockpull.qmp
+                    await impl.drain()
 
 
 def job_id_of(domain: str, target: str) -> str:

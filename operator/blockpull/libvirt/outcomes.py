@@ -43,7 +43,10 @@ class LibvirtJobWatch:
         self._check()
         if not self._event.is_set():
             try:
-                await asyncio.wait_for(self._event.wait(), timeout)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a cancellation
+                # that arrives as the wait completes (the follower would then never stop).
+                async with asyncio.timeout(timeout):
+                    await self._event.wait()
             except TimeoutError:
                 return False
         self._event.clear()
