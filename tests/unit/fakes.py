@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from blockpull.agent.clock import WallClock
-from blockpull.agent.kube import ObjectRef
+from blockpull.agent.kube import Gone, ObjectRef
 from blockpull.driver import CANCELLED_ERROR, ChainImage, Progress, StartedJob, StreamRequest
 from blockpull.errors import DiskBusy, JobNotFound, VMNotFound
 
@@ -172,8 +172,12 @@ class FakeKube:
     objects: list[dict[str, Any]] = field(default_factory=list)
     writes: dict[str, int] = field(default_factory=lambda: {"status": 0, "event": 0, "delete": 0})
     writes_of: dict[str, int] = field(default_factory=dict)  # status writes per object name
+    #: Objects deleted behind the agent's back: their status writes answer 404 (Gone).
+    gone: set[str] = field(default_factory=set)
 
     async def patch_status(self, ref: ObjectRef, status: Mapping[str, Any], *, urgent: bool = True) -> None:
+        if ref.name in self.gone:
+            raise Gone(f"404: {ref.name} not found")
         self.writes["status"] += 1
         self.writes_of[ref.name] = self.writes_of.get(ref.name, 0) + 1
         merged = self.statuses.setdefault(ref.name, {})

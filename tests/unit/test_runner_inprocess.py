@@ -147,3 +147,25 @@ async def test_an_hour_waiting_for_a_vm_costs_three_status_writes_then_the_deadl
     agent.observe(body("p", uid, status=kube.statuses["p"], vm="web-9", ttlSecondsAfterFinished=600))
     await eventually(lambda: kube.writes["delete"] == 1, timeout=700, what="the TTL delete")
     assert 3600 + 600 <= loop.time() < 3600 + 602
+
+
+@pytest.mark.parametrize("noticed_by", ["a status write (404)", "the watch (DELETED)"])
+async def test_an_object_deleted_before_its_finalizer_landed_has_its_job_cancelled(
+    world: tuple[Agent, FakeKube, FakeDriver], noticed_by: str
+) -> None:
+    """kopf adds the finalizer with a patch that loses to a concurrent status write; a delete
+    in that moment removes the object at once, with no abort. The job must not run on
+    unobserved (and then hold the disk at `pending`): the agent cancels it all the same."""
+    agent, kube, driver = world
+    uid = "77777777-7777-7777-7777-777777777777"
+    job_id = f"blockpull-{uid}"
+    agent.observe(body("p", uid))
+    await eventually(lambda: kube.statuses.get("p", {}).get("phase") == "Running", what="Running")
+    kube.gone.add("p")
+    if noticed_by == "the watch (DELETED)":
+        agent.forget(uid)
+    driver.advance(job_id, 8 * MiB)  # the next progress write meets the 404
+    await eventually(lambda: job_id not in driver.jobs, what="the job cancelled and dismissed")
+    assert ("cancel", job_id) in driver.calls and ("finalize", job_id) not in driver.calls
+    assert kube.reasons("p")[-1] == "Cancelled"
+    assert agent.active == 0 and agent.scheduler.holders == 0

@@ -116,9 +116,18 @@ class Leftovers:
     async def abort(self, ref: ObjectRef, body: Mapping[str, Any]) -> None:
         """A deleted object without a runner (the agent restarted meanwhile): cancel its job."""
         status = body.get("status") or {}
-        job_id = str(status.get("jobId") or job_id_for(ref.uid))
         try:
-            driver, job = await self._find_job(ref, body, job_id)
+            vm = PullSpec.from_spec(body.get("spec", {})).vm
+        except BlockPullError:
+            return  # a spec that never reached a VM
+        await self.abort_job(ref, vm, str(status.get("jobId") or job_id_for(ref.uid)))
+
+    async def abort_job(self, ref: ObjectRef, vm: str, job_id: str) -> None:
+        """Cancel (and confirm, and dismiss) `job_id` on `vm` for an object that is gone or
+        going: a deletion asked for an abort. Ends with a Warning when QEMU cannot confirm."""
+        try:
+            driver = await self.vms.driver_for(ref.namespace, vm)
+            job = await driver.find_job(job_id)
             if job is None:
                 return
             ended = (

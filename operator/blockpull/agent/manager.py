@@ -237,6 +237,7 @@ class Agent:
                     await runner.run()
                     return
                 except Gone:
+                    await self._gone(runner)
                     return
                 except BlockPullError as exc:
                     trouble = "Kubernetes API trouble: " if isinstance(exc, KubeAPIError) else ""
@@ -255,6 +256,14 @@ class Agent:
             self.metrics.forget(ref.uid)
             if st.is_terminal(runner.reporter.status):
                 self._finished.add(ref.uid)
+
+    async def _gone(self, runner: PullRunner) -> None:
+        """The object went away without the finalizer's abort: deleted in the moment before
+        kopf's finalizer landed, or replaced by a new object of its name. A job the runner had
+        in QEMU would run on unobserved and then hold the disk: cancel it, as a delete does."""
+        if runner.has_job and not runner.record.terminal:
+            log.warning("%s: the object is gone; cancelling its job %s", runner.state.ref, runner.job_id)
+            await self._leftovers.abort_job(runner.state.ref, runner.state.spec.vm, runner.job_id)
 
     def _observe_finished(self, ref: ObjectRef, body: Mapping[str, Any]) -> None:
         """A spec edit of a finished object (from Git, say) is observed: observedGeneration and
@@ -286,8 +295,12 @@ class Agent:
         self._observed.pop(uid, None)
         self.metrics.forget(uid)
         self._ttl.cancel(uid)
-        if uid not in self._runners:
+        entry = self._runners.get(uid)
+        if entry is None:
             self.scheduler.release(uid)
+        else:
+            # Gone without the finalizer's abort (see `_gone`): the runner cancels its job.
+            entry[0].request_abort()
 
     # --- deletion -----------------------------------------------------------------------------
 

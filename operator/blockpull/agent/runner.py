@@ -132,6 +132,8 @@ class PullRunner:
         self._rejected: views.Rejected = None
         self._warning: asyncio.Future[None] | None = None
         self.collect_orphan: OrphanCollector | None = None
+        #: A job of this object was started or found in its VM (by this runner).
+        self.has_job = False
         self.following = JobFollower(
             state,
             self.job_id,
@@ -303,6 +305,7 @@ class PullRunner:
             # A job held at `pending` waited for us with the chain intact; only a concluded one
             # ended without anyone watching.
             self.ending.unwatched = job.concluded
+            self.has_job = True
             self.scheduler.hold(self.state.ref.uid)
             log.info("%s: re-attached to job %s (%s)", self.state.ref, self.job_id, protocol.job_state(job))
             started = self.record.start_time
@@ -340,6 +343,7 @@ class PullRunner:
             raise await explain_busy(
                 driver, spec.disk, exc, node=self.settings.node_name, collect_orphan=self.collect_orphan
             ) from exc
+        self.has_job = True
         self.steering.started(paused=False)
         await self.reporter.transition(
             views.started(self.job_id, spec.disk, started, bandwidth, st.now_rfc3339(self._clock()))
