@@ -261,3 +261,41 @@ def test_per_vm_daemon_through_a_uri_template(
     assert f"{short_tmp}/{ns.name}/web-2/libvirt-sock" in waiting["message"]
     assert agent.alive
     assert_flattened(domain, chain4)
+
+
+def test_node_slots_and_bandwidth_budget_hold_for_libvirt_domains(
+    ns: Namespace,
+    agent_factory: AgentFactory,
+    libvirtd_running: LibvirtDaemon,
+    domain_factory: DomainFactory,
+    chain_factory: ChainFactory,
+) -> None:
+    """The scheduler is the same for both drivers: with one slot and a 4 MiB/s budget, the
+    second domain's pull waits Queued with no job in libvirt, and each job runs at the whole
+    budget, as libvirt itself reports."""
+    agent_factory(
+        BLOCKPULL_LIBVIRT_URI=libvirtd_running.uri,
+        BLOCKPULL_MAX_CONCURRENT="1",
+        BLOCKPULL_NODE_BANDWIDTH="4Mi",
+    )
+    chains = [chain_factory(layers=2, size=64 * MiB, pattern="spread", data_bytes=48 * MiB) for _ in range(2)]
+    first = _domain(domain_factory, ns, chains[0], vm="web-1")
+    second = _domain(domain_factory, ns, chains[1], vm="web-2")
+    ns.create("first", nodeName="node-a", vm="web-1", disk="vda")
+    assert ns.wait_phase("first", "Running")["bandwidth"] == 4 * MiB
+    eventually(lambda: str(4 * MiB) in first.block_job_info(), what="libvirt's speed = the budget")
+    ns.create("second", nodeName="node-a", vm="web-2", disk="vda")
+    queued = ns.wait_reason("second", "Pending", "Queued")
+    assert queued["message"].endswith("; 0 ahead of it")
+    assert _no_job(second)
+
+    ns.delete("first")  # its slot goes to the queued object
+    ns.wait_gone("first")
+    assert ns.wait_phase("second", "Running")["bandwidth"] == 4 * MiB
+    eventually(lambda: str(4 * MiB) in second.block_job_info(), what="the second job at the budget")
+    assert _no_job(first)
+    ns.delete("second")
+    ns.wait_gone("second")
+    assert _no_job(second)
+    assert_intact(first, chains[0])
+    assert_intact(second, chains[1])
