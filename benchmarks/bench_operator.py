@@ -63,7 +63,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import kubernetes
 
@@ -258,7 +258,14 @@ class CpuSampler:
 class AgentProcess:
     """`python -m blockpull.agent`, its /proc sampled every 0.1 s while it runs."""
 
-    def __init__(self, kubeconfig: Path, socket_dir: Path, log_path: Path, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        socket_dir: Path,
+        log_path: Path,
+        args: argparse.Namespace,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
         self.log_path = log_path
@@ -280,6 +287,7 @@ class AgentProcess:
         }
         # An installed agent has its bytecode compiled; do not recompile it on every start.
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+        self.env.update(extra_env or {})
         for item in args.agent_env:
             key, _, value = item.partition("=")
             self.env[key] = value
@@ -764,6 +772,158 @@ def copied_bytes(chain: Chain) -> int:
     return total
 
 
+# --- the VMs -------------------------------------------------------------------------------------
+
+
+class VMs(Protocol):
+    """Where the benchmark's VMs run and how it learns about their jobs: the part that differs
+    between QEMUs reached over QMP (`QmpVMs`, here) and libvirt domains
+    (`bench_operator_libvirt.py`). Everything else (the API, the agent, the watch, the numbers)
+    is the same for both."""
+
+    #: In the report: "N jobs left in {where}", "... on 20 {vms_label} x 5 disks".
+    where: str
+    vms_label: str
+    #: What the agent does between its finalizer patch and the job's creation, and between the
+    #: copy's end and its Completed patch (the report's notes).
+    start_note: str
+    completion_note: str
+
+    async def start(self, args: argparse.Namespace, chains: list[list[Chain]]) -> list[Pull]:
+        """Start one VM per list of chains; one `Pull` per disk (bandwidth set by the caller)."""
+        ...
+
+    def agent_env(self) -> dict[str, str]:
+        """What the agent's environment needs to reach these VMs."""
+        ...
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        """Processes whose CPU time is sampled, by group name (besides the agent and the API)."""
+        ...
+
+    async def collect(self, pulls: list[Pull]) -> int:
+        """After the agent stopped: fill each pull's job timestamps (`qemu`: `created`,
+        `copied`, `completed`, QEMU's own clock), `jobs_started` and `qemu_error`; return how
+        many jobs are left in the VMs."""
+        ...
+
+    async def verify(self, pulls: list[Pull]) -> list[str]:
+        """Stop the VMs (cleanly: QEMU flushes) and check `pulls`' disks; the problems found."""
+        ...
+
+    async def close(self) -> None:
+        """Stop everything started, also after a failure."""
+        ...
+
+
+async def in_threads(fn: Callable[[Pull], str | None], pulls: Sequence[Pull]) -> list[str]:
+    """`fn` over `pulls` on 4 threads (qemu-img runs); the problems it returned."""
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        found = await asyncio.gather(*(loop.run_in_executor(pool, fn, p) for p in pulls))
+    return [p for p in found if p]
+
+
+class QmpVMs:
+    """`--vms` QEMUs (`-M none`), each with a monitor at the agent's socket template path and
+    a second one on which a `qemulab.QemuWatcher` records QEMU's job events."""
+
+    where = "QEMU"
+    vms_label = "QEMUs"
+    start_note = "agent: QMP, block-stream"
+    completion_note = "agent: event, query-jobs, status write"
+
+    def __init__(self) -> None:
+        self.socket_dir: Path | None = None
+        self.vms: list[QemuVM] = []
+        self.watchers: list[QemuWatcher] = []
+
+    async def start(self, args: argparse.Namespace, chains: list[list[Chain]]) -> list[Pull]:
+        self.socket_dir = short_tmpdir("bps-")
+        (self.socket_dir / NAMESPACE).mkdir(parents=True)
+        pulls: list[Pull] = []
+        for v, vm_chains in enumerate(chains):
+            name = vm_name(v)
+            agent_socket = self.socket_dir / NAMESPACE / f"{name}.qmp"
+            extra = [
+                "-chardev", f"socket,id=bp,path={agent_socket},server=on,wait=off",
+                "-mon", "chardev=bp,mode=control",
+            ]  # fmt: skip
+            vm = QemuVM([Disk(c) for c in vm_chains], extra_monitors=1, extra_args=extra, ready_timeout=60)
+            self.vms.append(vm)
+            for d, chain in enumerate(vm_chains):
+                pulls.append(Pull(f"pull-{name}-d{d}", name, vm.disks[d].top, chain, 0))
+        t = time.monotonic()
+        # Started from this (the main) thread: QEMU's pdeathsig follows the starting thread.
+        await asyncio.gather(*(vm.start() for vm in self.vms))
+        for vm in self.vms:
+            watcher = QemuWatcher(vm.extra_sockets[0], names=["JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED"])
+            self.watchers.append(await watcher.start())
+        print(
+            f"started {len(self.vms)} QEMUs, {len(pulls)} disks, in {time.monotonic() - t:.1f}s", flush=True
+        )
+        return pulls
+
+    def agent_env(self) -> dict[str, str]:
+        assert self.socket_dir is not None
+        return {"BLOCKPULL_SOCKET_TEMPLATE": f"{self.socket_dir}/{{namespace}}/{{vm}}.qmp"}
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        return {"QEMUs": [vm.pid for vm in self.vms if vm.pid]}
+
+    async def collect(self, pulls: list[Pull]) -> int:
+        by_vm: dict[str, list[Pull]] = defaultdict(list)
+        for pull in pulls:
+            by_vm[pull.vm].append(pull)
+        leftover_jobs = 0
+        for index, (vm, watcher) in enumerate(zip(self.vms, self.watchers, strict=True)):
+            for pull in by_vm[vm_name(index)]:
+                for ev in watcher.events(job_id=pull.job_id):
+                    if ev.qemu_time is None:
+                        continue
+                    if ev.name == "BLOCK_JOB_COMPLETED":
+                        pull.qemu.setdefault("completed", ev.qemu_time)
+                        if ev.data.get("error"):
+                            pull.qemu_error = str(ev.data["error"])
+                    elif ev.data.get("status") == "pending":
+                        # The copy is done: with auto-finalize off the job waits here for the
+                        # agent (flush, finalize, flush); with it on, BLOCK_JOB_COMPLETED follows
+                        # at once. Either way the agent's part starts here.
+                        pull.qemu.setdefault("copied", ev.qemu_time)
+                    elif ev.data.get("status") == "created":
+                        pull.qemu.setdefault("created", ev.qemu_time)
+                        pull.jobs_started += 1
+            jobs = await vm.execute("query-jobs")
+            leftover_jobs += len(jobs) if isinstance(jobs, list) else 0
+            await watcher.stop()
+        self.watchers.clear()
+        return leftover_jobs
+
+    async def verify(self, pulls: list[Pull]) -> list[str]:
+        # The disks themselves, after a clean quit (which flushes).
+        await asyncio.gather(*(vm.stop() for vm in self.vms))
+
+        def verify(pull: Pull) -> str | None:
+            top = backing_chain_info(pull.chain.top)[0]
+            if top.backing_filename is not None:
+                return f"{pull.name}: {pull.chain.top} still has backing file {top.backing_filename}"
+            assert pull.chain.reference is not None
+            if not compare(pull.chain.top, pull.chain.reference):
+                return f"{pull.name}: {pull.chain.top} differs from its reference"
+            return None
+
+        return await in_threads(verify, pulls)
+
+    async def close(self) -> None:
+        for watcher in self.watchers:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+        if self.vms:
+            await asyncio.gather(*(vm.stop() for vm in self.vms), return_exceptions=True)
+        if self.socket_dir is not None:
+            remove_tree(self.socket_dir)
+
+
 # --- the run -----------------------------------------------------------------------------------------
 
 
@@ -796,10 +956,9 @@ class Results:
     total_seconds: float
 
 
-async def run(args: argparse.Namespace) -> Results:
+async def run(args: argparse.Namespace, vms: VMs) -> Results:
     bandwidth = parse_bandwidth(args.bandwidth)
     workdir = Path(tempfile.mkdtemp(prefix="bpopbench-", dir="/var/tmp"))
-    socket_dir = short_tmpdir("bps-")
     agent_log: Path = args.agent_log
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -808,14 +967,12 @@ async def run(args: argparse.Namespace) -> Results:
     bench_cpu0 = time.process_time()
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     server: StandIn | None = None
-    vms: list[QemuVM] = []
-    watchers: list[QemuWatcher] = []
     agent: AgentProcess | None = None
     sampler: CpuSampler | None = None
     phase_watch: PhaseWatch | None = None
     admin: Any = None
     try:
-        # --- chains, the API, the QEMUs ---------------------------------------------------
+        # --- chains, the API, the VMs -----------------------------------------------------
         t = time.monotonic()
         chains = await asyncio.to_thread(build_chains, args, workdir)
         per_pull = copied_bytes(chains[0][0])
@@ -835,27 +992,9 @@ async def run(args: argparse.Namespace) -> Results:
             )
         agent_kubeconfig = server.write_kubeconfig(workdir / "kubeconfig-agent", user=AGENT_USER)
 
-        (socket_dir / NAMESPACE).mkdir(parents=True)
-        pulls: list[Pull] = []
-        for v, vm_chains in enumerate(chains):
-            name = vm_name(v)
-            agent_socket = socket_dir / NAMESPACE / f"{name}.qmp"
-            extra = [
-                "-chardev", f"socket,id=bp,path={agent_socket},server=on,wait=off",
-                "-mon", "chardev=bp,mode=control",
-            ]  # fmt: skip
-            vm = QemuVM([Disk(c) for c in vm_chains], extra_monitors=1, extra_args=extra, ready_timeout=60)
-            vms.append(vm)
-            for d, chain in enumerate(vm_chains):
-                rate = 0 if len(pulls) < args.unlimited else bandwidth
-                pulls.append(Pull(f"pull-{name}-d{d}", name, vm.disks[d].top, chain, rate))
-        t = time.monotonic()
-        # Started from this (the main) thread: QEMU's pdeathsig follows the starting thread.
-        await asyncio.gather(*(vm.start() for vm in vms))
-        for vm in vms:
-            watcher = QemuWatcher(vm.extra_sockets[0], names=["JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED"])
-            watchers.append(await watcher.start())
-        print(f"started {len(vms)} QEMUs, {len(pulls)} disks, in {time.monotonic() - t:.1f}s", flush=True)
+        pulls = await vms.start(args, chains)
+        for index, pull in enumerate(pulls):
+            pull.bandwidth = 0 if index < args.unlimited else bandwidth
 
         # --- our watch, then the agent ----------------------------------------------------
         before = server.open_watches()
@@ -866,12 +1005,12 @@ async def run(args: argparse.Namespace) -> Results:
             if time.monotonic() > deadline:
                 raise SystemExit("the benchmark's own watch did not open")
             await asyncio.sleep(0.02)
-        agent = AgentProcess(agent_kubeconfig, socket_dir, agent_log, args)
+        agent = AgentProcess(agent_kubeconfig, workdir, agent_log, args, extra_env=vms.agent_env())
         t = time.monotonic()
         # From this thread too: setpriv's pdeathsig follows the starting thread.
         agent.start()
         ready = agent.sample()
-        groups = {"agent": [agent.pid], "stand-in": [server.pid], "QEMUs": [vm.pid for vm in vms if vm.pid]}
+        groups = {"agent": [agent.pid], "stand-in": [server.pid], **vms.cpu_groups()}
         if server.pid != os.getpid():
             groups["benchmark"] = [os.getpid()]
         sampler = CpuSampler(groups)
@@ -938,57 +1077,17 @@ async def run(args: argparse.Namespace) -> Results:
         bench_cpu = time.process_time() - bench_cpu0
         stand_in_cpu = proc_cpu_seconds(server.pid) - stand_in_cpu0
 
-        # --- QEMU's side: event timestamps, no job left ---------------------------------------
-        by_vm: dict[str, list[Pull]] = defaultdict(list)
-        for pull in pulls:
-            by_vm[pull.vm].append(pull)
-        leftover_jobs = 0
-        for index, (vm, watcher) in enumerate(zip(vms, watchers, strict=True)):
-            for pull in by_vm[vm_name(index)]:
-                for ev in watcher.events(job_id=pull.job_id):
-                    if ev.qemu_time is None:
-                        continue
-                    if ev.name == "BLOCK_JOB_COMPLETED":
-                        pull.qemu.setdefault("completed", ev.qemu_time)
-                        if ev.data.get("error"):
-                            pull.qemu_error = str(ev.data["error"])
-                    elif ev.data.get("status") == "pending":
-                        # The copy is done: with auto-finalize off the job waits here for the
-                        # agent (flush, finalize, flush); with it on, BLOCK_JOB_COMPLETED follows
-                        # at once. Either way the agent's part starts here.
-                        pull.qemu.setdefault("copied", ev.qemu_time)
-                    elif ev.data.get("status") == "created":
-                        pull.qemu.setdefault("created", ev.qemu_time)
-                        pull.jobs_started += 1
-            jobs = await vm.execute("query-jobs")
-            leftover_jobs += len(jobs) if isinstance(jobs, list) else 0
-            await watcher.stop()
-        watchers.clear()
+        # --- the VMs' side: job timestamps, no job left, the disks ----------------------------
+        leftover_jobs = await vms.collect(pulls)
         phase_watch.stop()
         with phase_watch.lock:
             for pull in pulls:
                 pull.seen = dict(phase_watch.first_seen.get(pull.name, {}))
             final_phase = dict(phase_watch.phase)
             watch_events = phase_watch.events
-
-        # --- the disks themselves, after a clean quit (which flushes) ------------------------
-        await asyncio.gather(*(vm.stop() for vm in vms))
         step = 1 if args.verify_sample <= 0 else max(1, len(pulls) // args.verify_sample)
         sample = pulls[::step]
-
-        def verify(pull: Pull) -> str | None:
-            top = backing_chain_info(pull.chain.top)[0]
-            if top.backing_filename is not None:
-                return f"{pull.name}: {pull.chain.top} still has backing file {top.backing_filename}"
-            assert pull.chain.reference is not None
-            if not compare(pull.chain.top, pull.chain.reference):
-                return f"{pull.name}: {pull.chain.top} differs from its reference"
-            return None
-
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            problems = [
-                p for p in await asyncio.gather(*(loop.run_in_executor(pool, verify, p) for p in sample)) if p
-            ]
+        problems = await vms.verify(sample)
 
         # --- the agent's requests ---------------------------------------------------------
         requests = server.requests()
@@ -1050,16 +1149,11 @@ async def run(args: argparse.Namespace) -> Results:
             phase_watch.stop()
         if agent is not None:
             agent.stop()
-        for watcher in watchers:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
-        if vms:
-            await asyncio.gather(*(vm.stop() for vm in vms), return_exceptions=True)
+        await vms.close()
         if admin is not None:
             admin.close()
         if server is not None:
             server.stop()
-        remove_tree(socket_dir)
         if not args.keep:
             remove_tree(workdir)
 
@@ -1067,7 +1161,7 @@ async def run(args: argparse.Namespace) -> Results:
 # --- the report ----------------------------------------------------------------------------------
 
 
-def report(args: argparse.Namespace, r: Results) -> bool:
+def report(args: argparse.Namespace, r: Results, vms: VMs) -> bool:
     pulls, w = r.pulls, r.writes
     names = [p.name for p in pulls]
     n = len(pulls)
@@ -1139,6 +1233,7 @@ def report(args: argparse.Namespace, r: Results) -> bool:
             "Running patch": w.first_status(p.name, "Running"),
             "Running seen": p.seen.get("Running"),
             "job completed": p.qemu.get("copied", p.qemu.get("completed")),
+            "event seen": p.qemu.get("event"),
             "Completed patch": w.first_status(p.name, "Completed"),
             "Completed seen": p.seen.get("Completed"),
         }
@@ -1155,8 +1250,7 @@ def report(args: argparse.Namespace, r: Results) -> bool:
         ("  create call (admin client -> stand-in)", between("create start", "created"), ""),
         ("  create returned -> agent's finalizer patch", between("created", "finalizer"),
          "kopf: watch, queue, handler"),
-        ("  finalizer patch -> QEMU job created", between("finalizer", "job created"),
-         "agent: QMP, block-stream"),
+        ("  finalizer patch -> QEMU job created", between("finalizer", "job created"), vms.start_note),
         ("  QEMU job created -> Running patch at the API", between("job created", "Running patch"),
          "agent: status write"),
         ("  Running patch at the API -> watch sees it", between("Running patch", "Running seen"),
@@ -1164,8 +1258,16 @@ def report(args: argparse.Namespace, r: Results) -> bool:
         ("QEMU copy done -> Completed (pending -> watch)", dist(to_completed),
          f"{target}: {verdict[ok_completed]}"),
         ("  copy done -> Completed patch (flush, finalize, flush, write)",
-         between("job completed", "Completed patch"),
-         "agent: event, query-jobs, status write"),
+         between("job completed", "Completed patch"), vms.completion_note),
+    ]  # fmt: skip
+    if any(point["event seen"] is not None for point in points):
+        rows += [
+            ("    copy done -> libvirt's event at an observer", between("job completed", "event seen"),
+             "libvirtd: finalize, dismiss, new XML, event"),
+            ("    libvirt's event at an observer -> Completed patch",
+             between("event seen", "Completed patch"), "agent: event, job info, status write"),
+        ]  # fmt: skip
+    rows += [
         ("  Completed patch at the API -> watch sees it", between("Completed patch", "Completed seen"),
          "stand-in + watch"),
         ("  (the job in QEMU: created -> completed)", between("job created", "job completed"), ""),
@@ -1220,14 +1322,14 @@ def report(args: argparse.Namespace, r: Results) -> bool:
         ("benchmark process CPU, all of the run", f"{r.bench_cpu:6.2f} s",
          "with the stand-in" if args.stand_in_thread else "watch, QEMU watchers, setup"),
         ("outcome", f"{completed}/{n} Completed",
-         f"{r.leftover_jobs} jobs left in QEMU, {r.checked} disks compared: {len(r.problems)} bad; "
+         f"{r.leftover_jobs} jobs left in {vms.where}, {r.checked} disks compared: {len(r.problems)} bad; "
          f"{len(contract)} contract violations: {verdict[ok_outcome]}"),
     ]  # fmt: skip
 
     print()
     print(
-        f"BlockPull agent benchmark: {n} BlockPulls on {args.vms} QEMUs x {args.disks_per_vm} disks, "
-        "one agent; "
+        f"BlockPull agent benchmark: {n} BlockPulls on {args.vms} {vms.vms_label} x "
+        f"{args.disks_per_vm} disks, one agent; "
         f"{args.layers}-image chains of {format_bytes(args.disk_size)}, {format_bytes(r.copied_per_pull)} "
         f"copied per pull at {rate}{f' ({args.unlimited} unlimited)' if args.unlimited else ''}; "
         f"status interval {args.interval:g}s, poll {args.poll_interval:g}s"
@@ -1255,17 +1357,18 @@ def report(args: argparse.Namespace, r: Results) -> bool:
             print(f"  PROBLEM: {pull.name}: QEMU job failed: {pull.qemu_error}")
     met = ok_running and ok_completed and ok_writes and ok_rss and ok_outcome
     print(f"  verdict: {'every target met' if met else 'targets MISSED (see above)'}")
-    print(f"rerun: python3 benchmarks/bench_operator.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"rerun: python3 {sys.argv[0]} {' '.join(sys.argv[1:])}".rstrip())
     return ok_outcome
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def make_parser(description: str | None, *, vm_word: str, agent_log: str) -> argparse.ArgumentParser:
+    """The options of this benchmark (and of `bench_operator_libvirt.py`, which shares them)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add: Callable[..., Any] = parser.add_argument
-    add("--vms", type=int, default=20, help="QEMU processes (default 20)")
-    add("--disks-per-vm", type=int, default=5, help="disks per QEMU, one BlockPull each (default 5)")
+    add("--vms", type=int, default=20, help=f"{vm_word}s (default 20)")
+    add("--disks-per-vm", type=int, default=5, help=f"disks per {vm_word}, one BlockPull each (default 5)")
     add("--layers", type=int, default=3, help="images per chain (default 3)")
     add("--disk-size", type=parse_bandwidth, default="32Mi", help="virtual size of a disk (default 32Mi)")
     add("--data", type=parse_bandwidth, default="8Mi", help="data written into a chain (default 8Mi)")
@@ -1283,23 +1386,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--verify-sample", type=int, default=0, help="compare only this many disks (default 0: all)")
     add("--no-calibrate", action="store_true", help="skip measuring the stand-in's capacity first")
     add("--stand-in-thread", action="store_true", help="run the API stand-in in a thread of this process")
-    add("--agent-log", default="/var/tmp/bench_operator-agent.log", help="the agent's log (kept)")
+    add("--agent-log", default=agent_log, help=f"the agent's log (kept; default {agent_log})")
     add("--dump-requests", metavar="FILE", help="write every API request as JSON lines to FILE")
     add("--keep", action="store_true", help="keep the work directory (chains, kubeconfigs)")
+    return parser
+
+
+def run_and_report(args: argparse.Namespace, vms: VMs) -> int:
+    """Run the benchmark on `vms`, print the report; 0 if the outcome is right, 1 if not, 130
+    when interrupted."""
+    args.agent_log = Path(args.agent_log).absolute()
+    args.agent_log.parent.mkdir(parents=True, exist_ok=True)
+    args.agent_log.write_bytes(b"")
+    try:
+        results = asyncio.run(run(args, vms))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; every process stopped and the work directory removed", file=sys.stderr)
+        return 130
+    return 0 if report(args, results, vms) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser(__doc__, vm_word="QEMU", agent_log="/var/tmp/bench_operator-agent.log")
     args = parser.parse_args(argv)
     if args.vms < 1 or args.disks_per_vm < 1:
         parser.error("--vms and --disks-per-vm must be at least 1")
     if not qemu_available():
         parser.error("the QEMU tools are not on PATH (scripts/setup.sh installs them)")
-    args.agent_log = Path(args.agent_log).absolute()
-    args.agent_log.parent.mkdir(parents=True, exist_ok=True)
-    args.agent_log.write_bytes(b"")
-    try:
-        results = asyncio.run(run(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted; every process stopped and the work directory removed", file=sys.stderr)
-        return 130
-    return 0 if report(args, results) else 1
+    return run_and_report(args, QmpVMs())
 
 
 if __name__ == "__main__":
