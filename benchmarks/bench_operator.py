@@ -831,7 +831,7 @@ class QmpVMs:
     where = "QEMU"
     vms_label = "QEMUs"
     start_note = "agent: QMP, block-stream"
-    completion_note = "agent: event, query-jobs, status write"
+    completion_note = "agent: event, flush, finalize, flush, query-jobs, status write"
 
     def __init__(self) -> None:
         self.socket_dir: Path | None = None
@@ -1257,8 +1257,7 @@ def report(args: argparse.Namespace, r: Results, vms: VMs) -> bool:
          "stand-in + watch"),
         ("QEMU copy done -> Completed (pending -> watch)", dist(to_completed),
          f"{target}: {verdict[ok_completed]}"),
-        ("  copy done -> Completed patch (flush, finalize, flush, write)",
-         between("job completed", "Completed patch"), vms.completion_note),
+        ("  copy done -> Completed patch", between("job completed", "Completed patch"), vms.completion_note),
     ]  # fmt: skip
     if any(point["event seen"] is not None for point in points):
         rows += [
@@ -1320,7 +1319,7 @@ def report(args: argparse.Namespace, r: Results, vms: VMs) -> bool:
         ("stand-in CPU, first create -> end", f"{r.stand_in_cpu:6.2f} s",
          "in this process" if args.stand_in_thread else f"its own process, pid {r.stand_in_pid}"),
         ("benchmark process CPU, all of the run", f"{r.bench_cpu:6.2f} s",
-         "with the stand-in" if args.stand_in_thread else "watch, QEMU watchers, setup"),
+         "with the stand-in" if args.stand_in_thread else "watch, job watchers, setup"),
         ("outcome", f"{completed}/{n} Completed",
          f"{r.leftover_jobs} jobs left in {vms.where}, {r.checked} disks compared: {len(r.problems)} bad; "
          f"{len(contract)} contract violations: {verdict[ok_outcome]}"),
