@@ -73,7 +73,7 @@ def qemu_job_events(log: Path, domains: Iterable[str]) -> dict[tuple[str, str], 
         for line in lines:
             if "QEMU_MONITOR_RECV_" not in line:
                 continue
-            found = _MONITOR_OF.search(line)
+            found = _MONITOR_OF.search(line) if "monitor.sock" in line else None
             if found:
                 domain = by_short.get(found.group(2))
                 if domain is not None:
