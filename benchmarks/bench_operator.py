@@ -32,6 +32,9 @@ finalizers are gone, and reports:
 and checks the outcome: every object Completed, no job left in any QEMU, and every disk, once
 its QEMU has quit, has no backing file and is identical to its reference (`qemu-img compare`).
 
+The VMs are behind an interface (`VMs`; `QmpVMs` here): `bench_operator_libvirt.py` runs the
+same benchmark, numbers and report on libvirt domains.
+
 Run: `python3 benchmarks/bench_operator.py` (see benchmarks/README.md for the options).
 """
 
