@@ -56,12 +56,13 @@ from bench_operator import (
     StandIn,
     Writes,
     body_of,
+    build_chains,
     dist,
     vm_name,
 )
 
 from blockpull.quantity import format_bytes, parse_bandwidth
-from qemulab import Chain, Disk, QemuVM, QemuWatcher, backing_chain_info, compare, copy_chain, make_chain
+from qemulab import Chain, Disk, QemuVM, QemuWatcher, backing_chain_info, compare
 from qemulab.tmpdirs import remove_tree, short_tmpdir
 from qemulab.tools import qemu_available
 
@@ -139,27 +140,6 @@ class Pull:
         }
 
 
-def build_chains(args: argparse.Namespace, workdir: Path) -> list[list[Chain]]:
-    template = make_chain(
-        workdir / "template",
-        layers=2,
-        size=args.disk_size,
-        pattern="spread",
-        data_bytes=args.data,
-        reference="convert",
-    )
-
-    def copy(index: int) -> Chain:
-        return copy_chain(
-            template, workdir / f"vm{index // args.disks_per_vm:03d}" / f"d{index}", link_lower=True
-        )
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        copies = list(pool.map(copy, range(args.vms * args.disks_per_vm)))
-    n = args.disks_per_vm
-    return [copies[v * n : (v + 1) * n] for v in range(args.vms)]
-
-
 # --- the run --------------------------------------------------------------------------------------
 
 
@@ -198,7 +178,11 @@ async def run(args: argparse.Namespace) -> Results:
     admin: Any = None
     try:
         t = time.monotonic()
-        chains = await asyncio.to_thread(build_chains, args, workdir)
+        # bench_operator's chains: one template, a copy per disk with the lower image hard-linked.
+        template = argparse.Namespace(
+            layers=2, disk_size=args.disk_size, data=args.data, vms=args.vms, disks_per_vm=args.disks_per_vm
+        )
+        chains = await asyncio.to_thread(build_chains, template, workdir)
         print(f"built {args.vms * args.disks_per_vm} chains in {time.monotonic() - t:.1f}s", flush=True)
         server = StandIn(in_process=False)
         admin_kubeconfig = server.write_kubeconfig(workdir / "kubeconfig-admin", user="admin")

@@ -284,12 +284,12 @@ class PullRunner:
         """Pending/Queued with the object's place, written once: the place is not rewritten as
         the queue moves (a status write per queued object per start)."""
         record, reason = self.record, views.QUEUED
-        self.metrics.pending(self.state.ref, reason)
         if (record.phase, record.reason, record.observed_generation) == (
             st.PENDING,
             reason,
             self.state.generation,
         ):
+            self.metrics.pending(self.state.ref, reason)  # `_pending` does this otherwise
             return
         await self._pending(
             reason, views.queued_message(self.scheduler.ahead_of(self.state.ref.uid), self.scheduler.limit)
