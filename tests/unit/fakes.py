@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from blockpull.agent.clock import WallClock
-from blockpull.agent.kube import Gone, ObjectRef
+from blockpull.agent.kube import Gone, ObjectRef, QueuedWrite
 from blockpull.driver import CANCELLED_ERROR, ChainImage, Progress, StartedJob, StreamRequest
 from blockpull.errors import DiskBusy, JobNotFound, VMNotFound
 
@@ -175,7 +175,16 @@ class FakeKube:
     #: Objects deleted behind the agent's back: their status writes answer 404 (Gone).
     gone: set[str] = field(default_factory=set)
 
-    async def patch_status(self, ref: ObjectRef, status: Mapping[str, Any], *, urgent: bool = True) -> None:
+    async def patch_status(
+        self,
+        ref: ObjectRef,
+        status: Mapping[str, Any],
+        *,
+        urgent: bool = True,
+        queued: QueuedWrite | None = None,
+    ) -> bool:
+        if queued is not None and not queued.begin():
+            return False
         if ref.name in self.gone:
             raise Gone(f"404: {ref.name} not found")
         self.writes["status"] += 1
@@ -186,6 +195,7 @@ class FakeKube:
                 merged.pop(key, None)
             else:
                 merged[key] = value
+        return True
 
     async def post_event(self, ref: ObjectRef, kind: str, reason: str, message: str) -> None:
         self.writes["event"] += 1

@@ -2,8 +2,13 @@
 
 Owns: patching a BlockPull's status subresource, posting Events about it, deleting it (TTL),
 and mapping API errors into the agent's error tree. The official client is synchronous, so
-every call runs in a worker thread of one of two small pools (transitions apart from progress
-writes and Events); the loop never blocks on the API.
+every call runs in a worker thread of a small pool (a lane); the loop never blocks on the API.
+
+The lanes set priorities for a busy API server (a burst of hundreds of new objects, each one
+a finalizer patch by kopf, a first status, a Running status and an Event): transitions
+(Running, Completed, Failed) and deletes have four threads and never queue behind the rest;
+progress writes and reads have four; first statuses one, where those that a transition
+overtakes are withdrawn unsent; Events one, so the audit trail never crowds out the state.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import datetime
 import functools
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +63,31 @@ class Gone(KubeAPIError):
     reason = "Gone"
 
 
+class QueuedWrite:
+    """A write its caller may take back until a worker thread begins it.
+
+    A status write carries the whole status, so a newer one supersedes an older one that has
+    not left the agent yet: in a burst of new objects the lanes queue, and sending the older
+    write first would only delay the newer one behind it (and cost the API a request)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the loop withdraws, a worker thread begins
+        self._state = "queued"
+
+    def withdraw(self) -> bool:
+        """True if the write will never be sent; False once it has begun (wait for it)."""
+        with self._lock:
+            if self._state == "queued":
+                self._state = "withdrawn"
+            return self._state == "withdrawn"
+
+    def begin(self) -> bool:
+        with self._lock:
+            if self._state == "queued":
+                self._state = "begun"
+            return self._state == "begun"
+
+
 class KubeAPI:
     """The agent's API calls. One instance per agent, shared by all objects."""
 
@@ -67,20 +98,42 @@ class KubeAPI:
         self._node_name = node_name
         #: Count of write calls, per kind: the benchmark and tests read it.
         self.writes: dict[str, int] = {"status": 0, "event": 0, "delete": 0}
-        # Two lanes of blocking client calls: transitions (Running, Completed, Failed) never
-        # queue behind the routine progress writes and Events of a hundred other objects.
+        # The lanes (see the module's docstring).
         self._urgent = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kube-urgent")
         self._routine = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kube")
+        self._first = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kube-first")
+        self._events = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kube-events")
 
-    async def patch_status(self, ref: ObjectRef, status: Mapping[str, Any], *, urgent: bool = True) -> None:
-        """Replace the status fields we own (JSON merge patch on the status subresource)."""
+    async def patch_status(
+        self,
+        ref: ObjectRef,
+        status: Mapping[str, Any],
+        *,
+        urgent: bool = True,
+        queued: QueuedWrite | None = None,
+    ) -> bool:
+        """Replace the status fields we own (JSON merge patch on the status subresource).
+        A write that may be withdrawn (`queued`: a first status) goes through the first-status
+        lane; False if it was withdrawn before a worker began it: nothing was sent."""
         body = {"metadata": {"uid": ref.uid}, "status": status}
-        self.writes["status"] += 1
-        await self._call(
-            self._custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, ref.namespace, PLURAL, ref.name, body,
-            lane=self._urgent if urgent else self._routine,
-        )  # fmt: skip
+        patch = self._custom.patch_namespaced_custom_object_status
+
+        def send(*args: Any, **kwargs: Any) -> bool:
+            if queued is not None and not queued.begin():
+                return False
+            patch(*args, **kwargs)
+            return True
+
+        sent = True
+        try:
+            sent = bool(await self._call(
+                send, GROUP, VERSION, ref.namespace, PLURAL, ref.name, body,
+                lane=self._first if queued is not None else self._urgent if urgent else self._routine,
+            ))  # fmt: skip
+        finally:
+            if sent:  # attempts, failed ones included
+                self.writes["status"] += 1
+        return sent
 
     async def post_event(self, ref: ObjectRef, kind: str, reason: str, message: str) -> None:
         """A core/v1 Event on the object; losing one is logged, never fatal."""
@@ -106,7 +159,7 @@ class KubeAPI:
         )
         self.writes["event"] += 1
         try:
-            await self._call(self._core.create_namespaced_event, ref.namespace, event, lane=self._routine)
+            await self._call(self._core.create_namespaced_event, ref.namespace, event, lane=self._events)
         except KubeAPIError as exc:
             log.warning("could not post event %s on %s: %s", reason, ref, exc)
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from blockpull.agent import status as st
 from blockpull.agent.clock import WallClock, utc_now
-from blockpull.agent.kube import Gone, KubeAPI, KubeAPIError, ObjectRef
+from blockpull.agent.kube import Gone, KubeAPI, KubeAPIError, ObjectRef, QueuedWrite
 
 log = logging.getLogger(__name__)
 _WRITE_ATTEMPTS = 6
@@ -57,8 +57,11 @@ class ObjectReporter:
         #: Condition timestamps.
         self._now = now
         self._last_write = float("-inf")
-        #: A write started by `transition_soon`; the next write waits for it (order kept).
+        #: A write started by `transition_soon`; the next write withdraws it if it has not
+        #: left the agent yet, or else waits for it (order kept).
         self._in_flight: asyncio.Task[None] | None = None
+        self._in_flight_queued: QueuedWrite | None = None
+        self._withdrawn: asyncio.Task[None] | None = None
 
     @property
     def status(self) -> Mapping[str, Any]:
@@ -69,11 +72,16 @@ class ObjectReporter:
         await self._write(view, urgent=True)
 
     def transition_soon(self, view: st.StatusView) -> None:
-        """Start writing `view` and return at once: the caller's work overlaps the write, and
-        the next write waits for this one, so they reach the API in order. It goes through the
-        routine lane: in a burst of new objects, the urgent lane is kept for the Running writes."""
+        """Start writing `view` (a first status) and return at once: the caller's work
+        overlaps the write. It goes through the API's first-status lane; a later write
+        supersedes it while it still waits there (in a burst of new objects, the Running write
+        then goes out instead of both), or else waits for it, so the writes reach the API in
+        order."""
         if self._in_flight is None or self._in_flight.done():
-            self._in_flight = asyncio.ensure_future(self._write(view, urgent=False))
+            self._in_flight_queued = QueuedWrite()
+            self._in_flight = asyncio.ensure_future(
+                self._write(view, urgent=False, queued=self._in_flight_queued)
+            )
 
     async def progress(self, view: st.StatusView) -> None:
         await self._settle()
@@ -83,7 +91,13 @@ class ObjectReporter:
 
     async def _settle(self) -> None:
         in_flight, self._in_flight = self._in_flight, None
+        queued, self._in_flight_queued = self._in_flight_queued, None
         if in_flight is None:
+            return
+        if queued is not None and queued.withdraw():
+            # Never sent; the write that follows carries the whole status. The task ends on its
+            # own once a worker reaches it (kept referenced until then).
+            self._withdrawn = in_flight
             return
         try:
             await in_flight
@@ -93,7 +107,7 @@ class ObjectReporter:
     async def event(self, kind: str, reason: str, message: str) -> None:
         await self._kube.post_event(self._ref, kind, reason, message)
 
-    async def _write(self, view: st.StatusView, *, urgent: bool) -> None:
+    async def _write(self, view: st.StatusView, *, urgent: bool, queued: QueuedWrite | None = None) -> None:
         if st.is_terminal(self._status):
             log.warning("%s: not overwriting the recorded outcome with phase %s", self._ref, view.phase)
             return
@@ -107,7 +121,9 @@ class ObjectReporter:
         delay = 0.2
         for attempt in range(_WRITE_ATTEMPTS):
             try:
-                await self._kube.patch_status(self._ref, _with_removals(self._status, new), urgent=urgent)
+                patch = _with_removals(self._status, new)
+                if not await self._kube.patch_status(self._ref, patch, urgent=urgent, queued=queued):
+                    return  # withdrawn: a newer write supersedes it
                 break
             except Gone:
                 raise
