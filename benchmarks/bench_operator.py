@@ -612,6 +612,11 @@ class Writes:
     def first_status(self, name: str, phase: str) -> float | None:
         return next((r.time for r in self.status.get(name, []) if status_phase(r) == phase), None)
 
+    def first_any_status(self, name: str) -> float | None:
+        """When the object first got a status: the first status write the API took."""
+        taken = (r.time for r in self.status.get(name, []) if r.status is not None and r.status < 300)
+        return next(taken, None)
+
     def first_finalizer(self, name: str) -> float | None:
         requests = self.finalizers.get(name, [])
         return requests[0].time if requests else None
@@ -1232,10 +1237,12 @@ def report(args: argparse.Namespace, r: Results, vms: VMs) -> bool:
             "create start": p.create_start,
             "created": p.create_end,
             "finalizer": w.first_finalizer(p.name),
+            "first status": w.first_any_status(p.name),
             "job created": p.qemu.get("created"),
             "Running patch": w.first_status(p.name, "Running"),
             "Running seen": p.seen.get("Running"),
             "job completed": p.qemu.get("copied", p.qemu.get("completed")),
+            "job finalized": p.qemu.get("completed"),
             "event seen": p.qemu.get("event"),
             "Completed patch": w.first_status(p.name, "Completed"),
             "Completed seen": p.seen.get("Completed"),
@@ -1251,6 +1258,8 @@ def report(args: argparse.Namespace, r: Results, vms: VMs) -> bool:
         ("create -> Running (create returned -> watch sees it)", dist(to_running),
          f"{target}: {verdict[ok_running]}"),
         ("  create call (admin client -> stand-in)", between("create start", "created"), ""),
+        ("  create returned -> its first status at the API", between("created", "first status"),
+         "without status kstatus reads it as done"),
         ("  create returned -> agent's finalizer patch", between("created", "finalizer"),
          "kopf: watch, queue, handler"),
         ("  finalizer patch -> QEMU job created", between("finalizer", "job created"), vms.start_note),
@@ -1268,6 +1277,15 @@ def report(args: argparse.Namespace, r: Results, vms: VMs) -> bool:
              "libvirtd: finalize, dismiss, new XML, event"),
             ("    libvirt's event at an observer -> Completed patch",
              between("event seen", "Completed patch"), "agent: event, job info, status write"),
+        ]  # fmt: skip
+    if any(p.qemu.get("copied") and p.qemu.get("completed") for p in pulls):
+        # QEMU changed the chain when the agent finalized it: what the agent does after that is
+        # what an agent with auto-finalize (before the durability fix) did after the copy.
+        rows += [
+            ("    copy done -> QEMU's BLOCK_JOB_COMPLETED", between("job completed", "job finalized"),
+             "agent: event, flush, finalize"),
+            ("    QEMU's BLOCK_JOB_COMPLETED -> Completed patch", between("job finalized", "Completed patch"),
+             "agent: flush, query-jobs, status write"),
         ]  # fmt: skip
     rows += [
         ("  Completed patch at the API -> watch sees it", between("Completed patch", "Completed seen"),
