@@ -123,9 +123,10 @@ def test_whole_life_reads_in_progress_until_completed(
     assert versions[0]["metadata"]["uid"] == created["metadata"]["uid"]
     assert readings[0] == (None, kstatus.CURRENT, "Progressing")
     seen = {phase for phase, _, _ in readings}
+    # ("Pending", "Starting") may be missing: when the agent knows the next phase before the
+    # first-status write has begun (here: no QMP socket yet), it writes that phase instead.
     assert {
-        ("Pending", "Starting"), ("Pending", "WaitingForVM"), ("Running", "Streaming"),
-        ("Paused", "Paused"), ("Completed", "Completed"),
+        ("Pending", "WaitingForVM"), ("Running", "Streaming"), ("Paused", "Paused"), ("Completed", "Completed"),
     } <= seen, seen  # fmt: skip
     with_status = [r for r in readings if r[0] is not None]
     first_done = next(i for i, r in enumerate(with_status) if r[0][0] == "Completed")
@@ -140,9 +141,10 @@ def test_whole_life_reads_in_progress_until_completed(
     assert kstatus.compute(pending).message.startswith("no QMP socket at ")
     running = next(o for o in versions if _phase(o) == ("Running", "Streaming") and "progress" in o["status"])
     assert health(running)["message"].startswith("Streaming: " + running["status"]["progress"])
-    # The first status is Pending/Starting, written at first sight, before any QMP work.
+    # The first status is written at first sight: Pending/Starting, or the phase that
+    # superseded it while it waited for its write (never a later one, nor an empty status).
     first = next(o for o in versions if o.get("status"))
-    assert _phase(first) == ("Pending", "Starting")
+    assert _phase(first) in {("Pending", "Starting"), ("Pending", "WaitingForVM")}, _phase(first)
     assert kstatus.compute(first).status == kstatus.IN_PROGRESS
     print(f"create -> first status seen: {window * 1000:.0f} ms")
 

@@ -39,7 +39,8 @@ def test_progress_writes_are_throttled_per_interval(
     budget = transitions + math.ceil(ran_for / 0.5) + 1
     assert len(status_writes) <= budget, (len(status_writes), budget, ran_for)
     # And progress was reported while it ran (a few seconds at 4 MiB/s), not only at the end.
-    assert len(status_writes) >= transitions + 2
+    # (Pending/Starting is not written when Running supersedes it before its write begins.)
+    assert len(status_writes) >= (transitions - 1) + 2
     gaps = [b.time - a.time for a, b in itertools.pairwise(status_writes)]
     progress_gaps = [g for g in gaps if g < 0.45]
     assert len(progress_gaps) <= transitions, gaps
