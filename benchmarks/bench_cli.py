@@ -17,7 +17,7 @@ fresh QEMU (`qemu-system-x86_64 -M none`, libvirt-style `-blockdev` nodes, built
 
 plus the interpreter's start-up and `import blockpull.cli` times, which are part of (3).
 
-Run: `python3 benchmarks/bench_cli.py --runs 5` (see benchmarks/README.md).
+Run: `.venv/bin/python benchmarks/bench_cli.py --runs 5` (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         f"  verdict: overhead {'meets' if overhead * 1000 <= TARGET_OVERHEAD_MS else 'MISSES'} its target; "
         f"follow CPU {'meets' if follow_percent < TARGET_FOLLOW_CPU_PERCENT else 'MISSES'} its target"
     )
-    print(f"rerun: python3 benchmarks/bench_cli.py --runs {args.runs}")
+    print(f"rerun: .venv/bin/python benchmarks/bench_cli.py --runs {args.runs}")
     return 0
 
 

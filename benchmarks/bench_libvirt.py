@@ -22,7 +22,7 @@ it (`concluded` -> end). Each run checks that libvirt's live XML shows no backin
 afterwards. The tools take turns in a rotating order, after one unmeasured warm-up pull with
 the command and one with the agent (page cache, bytecode, the agent's libvirt connection).
 
-Prints medians, min and max. Run: `python3 benchmarks/bench_libvirt.py --runs 5` as root.
+Prints medians, min and max. Run: `.venv/bin/python benchmarks/bench_libvirt.py --runs 5` as root.
 """
 
 from __future__ import annotations

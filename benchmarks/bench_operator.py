@@ -35,7 +35,7 @@ its QEMU has quit, has no backing file and is identical to its reference (`qemu-
 The VMs are behind an interface (`VMs`; `QmpVMs` here): `bench_operator_libvirt.py` runs the
 same benchmark, numbers and report on libvirt domains.
 
-Run: `python3 benchmarks/bench_operator.py` (see benchmarks/README.md for the options).
+Run: `.venv/bin/python benchmarks/bench_operator.py` (see benchmarks/README.md for the options).
 """
 
 from __future__ import annotations
@@ -1377,7 +1377,7 @@ def report(args: argparse.Namespace, r: Results, vms: VMs) -> bool:
             print(f"  PROBLEM: {pull.name}: QEMU job failed: {pull.qemu_error}")
     met = ok_running and ok_completed and ok_writes and ok_rss and ok_outcome
     print(f"  verdict: {'every target met' if met else 'targets MISSED (see above)'}")
-    print(f"rerun: python3 {sys.argv[0]} {' '.join(sys.argv[1:])}".rstrip())
+    print(f"rerun: .venv/bin/python {sys.argv[0]} {' '.join(sys.argv[1:])}".rstrip())
     return ok_outcome
 
 

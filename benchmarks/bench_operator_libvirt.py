@@ -24,7 +24,7 @@ store), the domain picked up no taint beyond the lab's `high-privileges`, no job
 each active image, as its own header chains it, has no backing file, passes `qemu-img check`
 and is identical to its reference (`qemu-img compare`).
 
-Run as root: `python3 benchmarks/bench_operator_libvirt.py` (same options as bench_operator.py,
+Run as root: `.venv/bin/python benchmarks/bench_operator_libvirt.py` (same options as bench_operator.py,
 see benchmarks/README.md).
 """
 

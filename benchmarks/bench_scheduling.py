@@ -21,7 +21,7 @@ Then it creates one BlockPull per disk, all at once, waits until all are Complet
 and checks the outcome: all Completed, no job left, every sampled disk flat and identical to its
 reference (`qemu-img compare`) as its header chains it.
 
-Run: `python3 benchmarks/bench_scheduling.py` (options: --help; numbers in benchmarks/README.md).
+Run: `.venv/bin/python benchmarks/bench_scheduling.py` (options: --help; numbers in benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -472,7 +472,7 @@ def report(args: argparse.Namespace, r: Results) -> bool:
     for problem in r.problems[:10]:
         print(f"  PROBLEM: {problem}")
     print(f"  verdict: {'as the contract says' if ok else 'PROBLEMS (see above)'}")
-    print(f"rerun: python3 benchmarks/bench_scheduling.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"rerun: .venv/bin/python benchmarks/bench_scheduling.py {' '.join(sys.argv[1:])}".rstrip())
     return ok
 
 

@@ -10,7 +10,7 @@ guest's data, flattened beforehand):
   backing file" while the copied clusters' metadata was only in QEMU's cache;
 - `auto-finalize=false` (BlockPull now): the job waits at `pending`, the chain unchanged.
 
-Run: `python3 benchmarks/durability_probe.py [--runs 5]`. Prints one line per mode.
+Run: `.venv/bin/python benchmarks/durability_probe.py [--runs 5]`. Prints one line per mode.
 """
 
 from __future__ import annotations
