@@ -19,7 +19,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Only what the wheel is built from (.dockerignore keeps tests, deploy/ and caches out).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY operator/ operator/
 # Build the project's wheel alone, then install it and its runtime dependencies - never the
 # `dev` extras - into a venv without pip: the runtime image gets nothing it does not run

@@ -68,9 +68,11 @@ def venv(workdir: Path) -> Path:
     for relative in build_context_files():
         (context / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / relative, context / relative)
-    readme = tomllib.loads((REPO / "pyproject.toml").read_text())["project"].get("readme")
-    if isinstance(readme, str):
-        assert (context / readme).exists(), f"pyproject.toml names {readme}, which is missing"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    readme = project.get("readme")
+    named = [readme] if isinstance(readme, str) else []
+    for path in [*named, *project.get("license-files", [])]:
+        assert (context / path).exists(), f"pyproject.toml names {path}, which the image's context lacks"
     dist, venv = workdir / "dist", workdir / "venv"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     run([*pip, "wheel", "--no-deps", "--wheel-dir", str(dist), str(context)], timeout=600)
