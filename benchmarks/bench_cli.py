@@ -11,11 +11,16 @@ fresh QEMU (`qemu-system-x86_64 -M none`, libvirt-style `-blockdev` nodes, built
    chain, starting the job; then reading the outcome, printing, dismissing, exiting), split
    into the part before `created` and the part after `concluded` (event arrival times);
 4. `qemu-img convert -O qcow2` of the same chain, the I/O floor for reading it all once;
-5. the CPU the follow loop costs while a job runs: the engine's `blockpull.pull.follow` with the
-   CLI's poll interval and progress display, in-process, against a throttled job for
-   `--follow-seconds`, as process CPU time over wall time (% of one core);
+5. the CPU the follow loop costs while a job runs: `blockpull pull --bandwidth` (progress
+   display on, to /dev/null) on a throttled job, its process CPU time (`/proc/PID/stat`) over
+   `--follow-seconds` once the job runs, as % of one core; then Ctrl-C (SIGINT), which must
+   cancel the job and exit 130;
 
 plus the interpreter's start-up and `import blockpull.cli` times, which are part of (3).
+
+Every number is taken on the `blockpull` command as a separate process, so
+`--cli-pythonpath TREE/operator` measures another version of it (an exported older commit)
+with everything else unchanged.
 
 Run: `.venv/bin/python benchmarks/bench_cli.py --runs 5` (see benchmarks/README.md).
 """
@@ -26,6 +31,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,13 +41,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockpull import pull as protocol
 from blockpull.cli import POLL_INTERVAL
-from blockpull.cli_render import PlainProgress
-from blockpull.driver import Progress, StreamRequest
-from blockpull.qmp import QMPConnection
-from blockpull.qmp_driver import QMPDriver
-from blockpull.quantity import format_bytes, parse_bandwidth
+from blockpull.quantity import format_bytes
 from qemulab import Chain, QemuVM, QemuWatcher, backing_chain_info, compare, copy_chain, make_big_chain
 from qemulab.tools import QEMU_IMG
 
@@ -55,12 +56,23 @@ def cli_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "blockpull.cli"]
 
 
-def cli_env() -> dict[str, str]:
+def cli_env(pythonpath: str | None = None) -> dict[str, str]:
+    """The measured command's environment; `pythonpath`: a source root to import blockpull from."""
     # An installed package has its bytecode compiled (pip does it); a development checkout
     # under PYTHONDONTWRITEBYTECODE would recompile blockpull on every start instead.
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if pythonpath:
+        # Ahead of site-packages, so ahead of the editable install of this checkout.
+        env["PYTHONPATH"] = pythonpath
     return env
+
+
+def cli_source(env: dict[str, str]) -> str:
+    """Where the measured command's `blockpull` package comes from."""
+    probe = [sys.executable, "-c", "import blockpull; print(blockpull.__file__)"]
+    done = subprocess.run(probe, capture_output=True, text=True, env=env, check=True)
+    return str(Path(done.stdout.strip()).parent)
 
 
 @dataclass(frozen=True)
@@ -84,7 +96,7 @@ def timed_run(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[f
     return start, time.monotonic(), done.returncode, done.stderr
 
 
-async def one_pull(chain: Chain, workdir: Path, index: int, *, verify: bool) -> PullRun:
+async def one_pull(chain: Chain, workdir: Path, index: int, env: dict[str, str], *, verify: bool) -> PullRun:
     copy = copy_chain(chain, workdir / f"run{index}", link_lower=True)
     job_id = f"bench{index}"
     try:
@@ -92,7 +104,7 @@ async def one_pull(chain: Chain, workdir: Path, index: int, *, verify: bool) -> 
         try:
             async with QemuWatcher(vm.extra_sockets[0], names=["JOB_STATUS_CHANGE"]) as watcher:
                 argv = [*cli_argv(), "pull", str(vm.qmp_socket), vm.disks[0].top, "--job-id", job_id, "-q"]
-                start, end, status, stderr = await asyncio.to_thread(timed_run, argv, cli_env())
+                start, end, status, stderr = await asyncio.to_thread(timed_run, argv, env)
                 if status != 0:
                     raise SystemExit(f"blockpull pull failed ({status}): {stderr}")
                 created = await watcher.wait_job_status(job_id, "created", timeout=5)
@@ -120,52 +132,56 @@ def one_convert(chain: Chain, workdir: Path) -> float:
     return end - start
 
 
-async def follow_cpu(chain: Chain, workdir: Path, seconds: float, bandwidth: int) -> tuple[float, float, int]:
-    """(process CPU seconds, wall seconds, progress reads) of following a throttled job."""
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a running process, from /proc/PID/stat (clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+async def follow_cpu(
+    chain: Chain, workdir: Path, seconds: float, bandwidth: str, env: dict[str, str]
+) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of the `blockpull pull` process following a throttled job."""
     copy = copy_chain(chain, workdir / "follow", link_lower=True)
     try:
-        async with QemuVM([copy]) as vm:
-            conn = await QMPConnection.open(str(vm.qmp_socket))
+        async with (
+            QemuVM([copy], extra_monitors=1) as vm,
+            QemuWatcher(vm.extra_sockets[0], names=["JOB_STATUS_CHANGE"]) as watcher,
+        ):
+            argv = [*cli_argv(), "pull", str(vm.qmp_socket), vm.disks[0].top]
+            argv += ["--bandwidth", bandwidth, "--job-id", "follow"]
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, env=env,
+            )  # fmt: skip
             try:
-                driver = QMPDriver(conn)
-                request = StreamRequest(disk=vm.disks[0].top, job_id="follow", bandwidth=bandwidth)
-                await driver.start(request)
-                with open(os.devnull, "w") as sink:  # noqa: ASYNC230 - opening /dev/null cannot block
-                    display = PlainProgress(sink, "follow")
-                    reads = 0
-
-                    def on_progress(job: Progress) -> None:
-                        nonlocal reads
-                        reads += 1
-                        display.update(job)
-
-                    cpu0, wall0 = time.process_time(), time.monotonic()
-                    try:
-                        outcome = await asyncio.wait_for(
-                            protocol.follow(
-                                driver, "follow", on_progress=on_progress, poll_interval=POLL_INTERVAL
-                            ),
-                            seconds,
-                        )
-                    except TimeoutError:
-                        pass
-                    else:
-                        raise SystemExit(
-                            f"the throttled job ended too soon ({outcome}); lower --follow-bandwidth"
-                        )
-                    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-                await protocol.cancel_and_confirm(driver, "follow", timeout=10)
-                await driver.dismiss("follow")
+                await watcher.wait_job_status("follow", "running", timeout=10)
+                await asyncio.sleep(1.0)  # past start-up: only the follow loop from here
+                cpu0, wall0 = process_cpu(process.pid), time.monotonic()
+                await asyncio.sleep(seconds)
+                cpu, wall = process_cpu(process.pid) - cpu0, time.monotonic() - wall0
+                if process.returncode is not None:
+                    raise SystemExit(
+                        f"the throttled pull ended too soon (exit {process.returncode}); "
+                        "lower --follow-bandwidth"
+                    )
+                process.send_signal(signal.SIGINT)  # Ctrl-C: cancel the job, exit 128 + 2
+                status = await asyncio.wait_for(process.wait(), 30)
             finally:
-                await conn.close()
-        return cpu, wall, reads
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            if status != 128 + signal.SIGINT:
+                raise SystemExit(f"blockpull pull exited {status} on SIGINT, not 130")
+            await watcher.wait_job_status("follow", "concluded", timeout=10)
+        return cpu, wall
     finally:
         shutil.rmtree(copy.directory, ignore_errors=True)
 
 
-def startup_times(runs: int) -> dict[str, float]:
+def startup_times(runs: int, env: dict[str, str]) -> dict[str, float]:
     """Medians (s) of starting Python bare, normally, and with `import blockpull.cli`."""
-    env = cli_env()
     probes = {
         "python -I -S -c pass": [sys.executable, "-I", "-S", "-c", "pass"],
         "python -c pass": [sys.executable, "-c", "pass"],
@@ -207,7 +223,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--runs", type=int, default=5, help="measured runs per number (default 5)")
     parser.add_argument("--data-gib", type=float, default=1.6, help="data in the chain (default 1.6 GiB)")
-    parser.add_argument("--follow-seconds", type=float, default=10.0, help="how long to follow (default 10)")
+    parser.add_argument("--follow-seconds", type=float, default=20.0, help="how long to follow (default 20)")
     parser.add_argument(
         "--follow-bandwidth", default="32Mi", help="throttle of the followed job (default 32Mi)"
     )
@@ -215,9 +231,15 @@ async def main(argv: Sequence[str] | None = None) -> int:
         "--workdir", type=Path, help="where the chain and its copies go (default: a temp dir)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the workdir (and its chain) afterwards")
+    parser.add_argument(
+        "--cli-pythonpath",
+        metavar="DIR",
+        help="measure the `blockpull` command of this source root (e.g. an older commit's operator/)",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    env = cli_env(args.cli_pythonpath)
 
     workdir: Path = args.workdir or Path(tempfile.mkdtemp(prefix="bpbench-", dir="/var/tmp"))
     os.makedirs(workdir, exist_ok=True)
@@ -228,10 +250,10 @@ async def main(argv: Sequence[str] | None = None) -> int:
         print(f"  built in {time.monotonic() - started:.1f}s: {' <- '.join(chain.names)}", flush=True)
 
         print("warm-up pull (not counted) ...", flush=True)
-        await one_pull(chain, workdir, 0, verify=True)
+        await one_pull(chain, workdir, 0, env, verify=True)
         pulls: list[PullRun] = []
         for index in range(1, args.runs + 1):
-            run = await one_pull(chain, workdir, index, verify=False)
+            run = await one_pull(chain, workdir, index, env, verify=False)
             pulls.append(run)
             print(
                 f"  pull {index}: wall {run.wall:.3f}s, job {run.job:.3f}s, "
@@ -242,11 +264,9 @@ async def main(argv: Sequence[str] | None = None) -> int:
         one_convert(chain, workdir)  # warm
         converts = [one_convert(chain, workdir) for _ in range(args.runs)]
         print(f"  qemu-img convert: {', '.join(f'{c:.3f}s' for c in converts)}", flush=True)
-        startup = startup_times(max(args.runs, 10))
+        startup = startup_times(max(args.runs, 10), env)
         print(f"following a throttled job for {args.follow_seconds:g}s ...", flush=True)
-        cpu, wall, reads = await follow_cpu(
-            chain, workdir, args.follow_seconds, parse_bandwidth(args.follow_bandwidth)
-        )
+        cpu, wall = await follow_cpu(chain, workdir, args.follow_seconds, args.follow_bandwidth, env)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -265,7 +285,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         f"blockpull CLI benchmark: {args.runs} runs, chain of {len(chain.images)} images, "
         f"{format_bytes(chain.size)} virtual, {data} of data; medians [min .. max]"
     )
-    print(f"  CLI started as: {' '.join(cli_argv())}")
+    print(f"  CLI started as: {' '.join(cli_argv())}, its blockpull from {cli_source(env)}")
     rows = [
         ("(1) blockpull pull, process start -> exit", f"{statistics.median(walls):8.3f} s", spread(walls)),
         ("(2) job in QEMU, created -> concluded", f"{statistics.median(jobs):8.3f} s", spread(jobs)),
@@ -289,7 +309,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         (
             f"(5) follow-loop CPU, poll {POLL_INTERVAL:g}s",
             f"{follow_percent:7.2f} %",
-            f"of a core ({cpu * 1000:.0f} ms CPU in {wall:.1f}s, {reads} progress reads)  "
+            f"of a core ({cpu * 1000:.0f} ms CPU in {wall:.1f}s, {wall / POLL_INTERVAL:.0f} polls)  "
             f"target < {TARGET_FOLLOW_CPU_PERCENT:g} %",
         ),
     ]
@@ -301,7 +321,8 @@ async def main(argv: Sequence[str] | None = None) -> int:
         f"  verdict: overhead {'meets' if overhead * 1000 <= TARGET_OVERHEAD_MS else 'MISSES'} its target; "
         f"follow CPU {'meets' if follow_percent < TARGET_FOLLOW_CPU_PERCENT else 'MISSES'} its target"
     )
-    print(f"rerun: .venv/bin/python benchmarks/bench_cli.py --runs {args.runs}")
+    tree = f" --cli-pythonpath {args.cli_pythonpath}" if args.cli_pythonpath else ""
+    print(f"rerun: .venv/bin/python benchmarks/bench_cli.py --runs {args.runs}{tree}")
     return 0
 
 
