@@ -126,7 +126,8 @@ def test_whole_life_reads_in_progress_until_completed(
     # ("Pending", "Starting") may be missing: when the agent knows the next phase before the
     # first-status write has begun (here: no QMP socket yet), it writes that phase instead.
     assert {
-        ("Pending", "WaitingForVM"), ("Running", "Streaming"), ("Paused", "Paused"), ("Completed", "Completed"),
+        ("Pending", "WaitingForVM"), ("Running", "Streaming"), ("Paused", "Paused"),
+        ("Completed", "Completed"),
     } <= seen, seen  # fmt: skip
     with_status = [r for r in readings if r[0] is not None]
     first_done = next(i for i, r in enumerate(with_status) if r[0][0] == "Completed")
