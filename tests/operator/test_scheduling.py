@@ -1,7 +1,7 @@
 """Node scheduling with the agent process and real QEMUs, judged from QEMU's own view.
 
-BLOCKPULL_MAX_CONCURRENT: never more jobs alive in QEMU than the limit (sampled from every
-VM's `query-block-jobs`, not from the status), the rest Pending/Queued with their place,
+BLOCKPULL_MAX_CONCURRENT: never more jobs alive in QEMU than the limit (from each QEMU's own job
+events, created to dismissed, not from the status), the rest Pending/Queued with their place,
 started in creation order; a paused job keeps its slot; a deleted queued object never reaches
 its VM; deadlines count while queued; a restarted agent rebuilds the queue without starting
 more than the limit. BLOCKPULL_NODE_BANDWIDTH: QEMU's job speeds and `status.bandwidth`
@@ -9,7 +9,7 @@ follow the max-min split at each step."""
 
 from __future__ import annotations
 
-import threading
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from harness import (
     AgentProcess,
+    JobEvents,
     Namespace,
     Scrape,
     VMFactory,
@@ -31,51 +32,73 @@ MiB = 1 << 20
 AgentFactory = Callable[..., AgentProcess]
 
 
-class JobSampler:
-    """Polls every VM's `query-block-jobs` from the test's own monitor, every 50 ms."""
+class JobTimeline:
+    """Every VM's jobs as QEMU itself reports them: JOB_STATUS_CHANGE events on a monitor of the
+    test's own, a job alive from `created` to `null` (dismissed) by QEMU's timestamps, which every
+    VM takes from the host's clock. Exact where polling the VMs in turn is not: one sweep can
+    see a job just before its dismissal and the next job just after its start, and count both."""
 
     def __init__(self, vms: dict[str, Any]) -> None:
         self.vms = vms
-        self.most_alive = 0
-        self.first_seen: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._events = {name: JobEvents(vm.extra_sockets[0]) for name, vm in vms.items()}
 
     def alive(self) -> list[str]:
+        """The VMs with a job now, asked of each QEMU (`query-block-jobs`)."""
         return sorted(name for name, vm in self.vms.items() if vm.execute_sync("query-block-jobs"))
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                alive = self.alive()
-            except Exception:  # a VM being stopped at teardown
-                return
-            now = time.monotonic()
-            self.most_alive = max(self.most_alive, len(alive))
-            for name in alive:
-                self.first_seen.setdefault(name, now)
-            time.sleep(0.05)
+    def lifetimes(self) -> list[tuple[float, float, str]]:
+        """(created, dismissed or inf, VM) of every job, QEMU's clock."""
+        spans: list[tuple[float, float, str]] = []
+        for name, events in self._events.items():
+            created: float | None = None
+            for event in events.watcher.events("JOB_STATUS_CHANGE"):
+                assert event.qemu_time is not None, event
+                if event.data.get("status") == "created":
+                    created = event.qemu_time
+                elif event.data.get("status") == "null" and created is not None:
+                    spans.append((created, event.qemu_time, name))
+                    created = None
+            if created is not None:
+                spans.append((created, math.inf, name))
+        return spans
+
+    def all_dismissed(self) -> bool:
+        return all(end != math.inf for _, end, _ in self.lifetimes())
+
+    def most_alive(self) -> int:
+        # At equal times an end sorts before a start: a slot handed over within QEMU's
+        # microsecond is not an overlap.
+        edges = sorted(
+            [(start, 1) for start, _, _ in self.lifetimes()] + [(end, -1) for _, end, _ in self.lifetimes()]
+        )
+        alive = most = 0
+        for _, step in edges:
+            alive += step
+            most = max(most, alive)
+        return most
 
     def start_order(self) -> list[str]:
-        return sorted(self.first_seen, key=lambda name: (self.first_seen[name], name))
+        first: dict[str, float] = {}
+        for start, _, name in sorted(self.lifetimes()):
+            first.setdefault(name, start)
+        return list(first)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def close(self) -> None:
+        for events in self._events.values():
+            events.close()
 
 
 @pytest.fixture
-def sampler() -> Iterator[Callable[[dict[str, Any]], JobSampler]]:
-    samplers: list[JobSampler] = []
+def timeline() -> Iterator[Callable[[dict[str, Any]], JobTimeline]]:
+    timelines: list[JobTimeline] = []
 
-    def factory(vms: dict[str, Any]) -> JobSampler:
-        samplers.append(JobSampler(vms))
-        return samplers[-1]
+    def factory(vms: dict[str, Any]) -> JobTimeline:
+        timelines.append(JobTimeline(vms))
+        return timelines[-1]
 
     yield factory
-    for one in samplers:
-        one.stop()
+    for one in timelines:
+        one.close()
 
 
 def vms_with_chains(
@@ -87,7 +110,8 @@ def vms_with_chains(
         )
         for i in range(1, count + 1)
     }
-    vms = {name: vm_in(f"vm-{name}", [chain]) for name, chain in chains.items()}
+    # A second monitor each, for the test's JobTimeline.
+    vms = {name: vm_in(f"vm-{name}", [chain], extra_monitors=1) for name, chain in chains.items()}
     return vms, chains
 
 
@@ -96,11 +120,11 @@ def test_a_limit_of_two_keeps_five_pulls_two_at_a_time_in_creation_order(
     agent_factory: AgentFactory,
     chain_factory: Callable[..., Chain],
     vm_in: VMFactory,
-    sampler: Callable[[dict[str, Any]], JobSampler],
+    timeline: Callable[[dict[str, Any]], JobTimeline],
 ) -> None:
     agent = agent_factory(BLOCKPULL_MAX_CONCURRENT="2")
     vms, chains = vms_with_chains(5, chain_factory, vm_in)
-    jobs = sampler(vms)
+    jobs = timeline(vms)
     for name, chain in chains.items():  # p1..p5: creation order (and name order within a second)
         ns.create(name, nodeName="node-a", vm=f"vm-{name}", disk=str(chain.top), bandwidth="4Mi")
 
@@ -114,9 +138,10 @@ def test_a_limit_of_two_keeps_five_pulls_two_at_a_time_in_creation_order(
     )
     for name in chains:
         assert ns.wait_phase(name, "Completed", "Failed", timeout=90)["phase"] == "Completed", name
-    jobs.stop()
-    assert jobs.most_alive == 2, "never more than two jobs in QEMU at once, and two in parallel"
-    assert jobs.start_order() == list(chains), jobs.first_seen
+    eventually(jobs.all_dismissed, what="every job dismissed")
+    # Never more than two jobs in QEMU at once, and two in parallel.
+    assert jobs.most_alive() == 2, jobs.lifetimes()
+    assert jobs.start_order() == list(chains), jobs.lifetimes()
     for name, vm in vms.items():
         vm.stop_sync()
         assert_flattened(chains[name])
@@ -127,11 +152,11 @@ def test_a_paused_job_keeps_its_slot_and_a_deleted_queued_object_never_reaches_q
     agent_factory: AgentFactory,
     chain_factory: Callable[..., Chain],
     vm_in: VMFactory,
-    sampler: Callable[[dict[str, Any]], JobSampler],
+    timeline: Callable[[dict[str, Any]], JobTimeline],
 ) -> None:
     agent_factory(BLOCKPULL_MAX_CONCURRENT="1")
     vms, chains = vms_with_chains(3, chain_factory, vm_in)
-    jobs = sampler(vms)
+    jobs = timeline(vms)
     ns.create("p1", nodeName="node-a", vm="vm-p1", disk=str(chains["p1"].top), bandwidth="1Mi")
     ns.wait_phase("p1", "Running")
     ns.patch_spec("p1", paused=True)
@@ -153,8 +178,8 @@ def test_a_paused_job_keeps_its_slot_and_a_deleted_queued_object_never_reaches_q
 
     ns.patch_spec("p1", paused=False, bandwidth=0)
     assert ns.wait_phase("p1", "Completed", "Failed", timeout=30)["phase"] == "Completed"
-    jobs.stop()
-    assert set(jobs.first_seen) == {"p1"}, "no job was ever started for p2 or p3"
+    eventually(jobs.all_dismissed, what="every job dismissed")
+    assert jobs.start_order() == ["p1"], ("no job was ever started for p2 or p3", jobs.lifetimes())
     for vm in vms.values():
         vm.stop_sync()
     assert_flattened(chains["p1"])
@@ -167,11 +192,11 @@ def test_an_agent_restart_rebuilds_the_queue_without_exceeding_the_limit(
     agent_factory: AgentFactory,
     chain_factory: Callable[..., Chain],
     vm_in: VMFactory,
-    sampler: Callable[[dict[str, Any]], JobSampler],
+    timeline: Callable[[dict[str, Any]], JobTimeline],
 ) -> None:
     agent = agent_factory(BLOCKPULL_MAX_CONCURRENT="2")
     vms, chains = vms_with_chains(4, chain_factory, vm_in)
-    jobs = sampler(vms)
+    jobs = timeline(vms)
     for name, chain in chains.items():
         ns.create(name, nodeName="node-a", vm=f"vm-{name}", disk=str(chain.top), bandwidth="1Mi")
     ns.wait_reason("p4", "Pending", "Queued", timeout=15)
@@ -186,9 +211,9 @@ def test_an_agent_restart_rebuilds_the_queue_without_exceeding_the_limit(
         ns.patch_spec(name, bandwidth=0)
     for name in chains:
         assert ns.wait_phase(name, "Completed", "Failed", timeout=90)["phase"] == "Completed", name
-    jobs.stop()
-    assert jobs.most_alive == 2
-    assert jobs.start_order()[2:] == ["p3", "p4"]
+    eventually(jobs.all_dismissed, what="every job dismissed")
+    assert jobs.most_alive() == 2, jobs.lifetimes()
+    assert jobs.start_order()[2:] == ["p3", "p4"], jobs.lifetimes()
     for name, vm in vms.items():
         vm.stop_sync()
         assert_flattened(chains[name])
