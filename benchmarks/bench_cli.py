@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench_operator import proc_cpu_seconds
+
 from blockpull.cli import POLL_INTERVAL
 from blockpull.quantity import format_bytes
 from qemulab import Chain, QemuVM, QemuWatcher, backing_chain_info, compare, copy_chain, make_big_chain
@@ -132,13 +134,6 @@ def one_convert(chain: Chain, workdir: Path) -> float:
     return end - start
 
 
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a running process, from /proc/PID/stat (clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
-
-
 async def follow_cpu(
     chain: Chain, workdir: Path, seconds: float, bandwidth: str, env: dict[str, str]
 ) -> tuple[float, float]:
@@ -158,9 +153,9 @@ async def follow_cpu(
             try:
                 await watcher.wait_job_status("follow", "running", timeout=10)
                 await asyncio.sleep(1.0)  # past start-up: only the follow loop from here
-                cpu0, wall0 = process_cpu(process.pid), time.monotonic()
+                cpu0, wall0 = proc_cpu_seconds(process.pid), time.monotonic()
                 await asyncio.sleep(seconds)
-                cpu, wall = process_cpu(process.pid) - cpu0, time.monotonic() - wall0
+                cpu, wall = proc_cpu_seconds(process.pid) - cpu0, time.monotonic() - wall0
                 if process.returncode is not None:
                     raise SystemExit(
                         f"the throttled pull ended too soon (exit {process.returncode}); "

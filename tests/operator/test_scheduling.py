@@ -72,9 +72,8 @@ class JobTimeline:
     def most_alive(self) -> int:
         # At equal times an end sorts before a start: a slot handed over within QEMU's
         # microsecond is not an overlap.
-        edges = sorted(
-            [(start, 1) for start, _, _ in self.lifetimes()] + [(end, -1) for _, end, _ in self.lifetimes()]
-        )
+        spans = self.lifetimes()
+        edges = sorted([(start, 1) for start, _, _ in spans] + [(end, -1) for _, end, _ in spans])
         alive = most = 0
         for _, step in edges:
             alive += step
