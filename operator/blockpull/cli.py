@@ -29,7 +29,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias
 
@@ -61,6 +61,7 @@ from blockpull.errors import (
     BlockPullError,
     Disconnected,
     DiskBusy,
+    HypervisorUnavailable,
     InspectionUnsafe,
     InvalidSpec,
     JobFailed,
@@ -576,11 +577,7 @@ async def see_through(
     try:
         if not stops.requested:
             timeout = None if deadline is None else max(0.0, deadline - loop.time())
-            ended = await _first_of(
-                protocol.follow(driver, job_id, on_progress=on_progress, poll_interval=POLL_INTERVAL),
-                stops,
-                timeout,
-            )
+            ended = await _first_of(_follow_through_outages(driver, job_id, on_progress), stops, timeout)
             if ended is not None:
                 return Followed(ended, None)
         stopped_by = stops.first.name if stops.first is not None else "timeout"
@@ -599,6 +596,25 @@ async def see_through(
             f"QEMU exited during the pull (job {job_id}{where}); the disk keeps its backing chain "
             "and loses nothing: the chain changes only after the copied data is flushed"
         ) from exc
+
+
+async def _follow_through_outages(
+    driver: BlockJobDriver, job_id: str, on_progress: Callable[[Progress], None]
+) -> Progress:
+    """`blockpull.pull.follow`, riding out a hypervisor that is away for a while: a libvirtd
+    restarted mid-job leaves QEMU and the job running, and the driver's connection re-opens by
+    itself. Said once on stderr; a stop signal or `--timeout` still ends the wait."""
+    backoff = 0.5
+    said = False
+    while True:
+        try:
+            return await protocol.follow(driver, job_id, on_progress=on_progress, poll_interval=POLL_INTERVAL)
+        except HypervisorUnavailable as exc:
+            if not said:
+                sys.stderr.write(f"blockpull: {exc.message}; the job goes on, waiting for it\n")
+                said = True
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)
 
 
 async def _first_of(

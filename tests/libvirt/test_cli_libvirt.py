@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,36 @@ def test_exit_codes(
     assert no_daemon.returncode == EXIT_TRANSIENT
     assert json.loads(no_daemon.stdout)["error"]["reason"] == "LibvirtUnavailable"
     assert_intact(domain, chain4)
+
+
+def test_a_pull_rides_out_a_libvirtd_restart(
+    libvirtd_running: LibvirtDaemon, domain_factory: DomainFactory, chain_factory: ChainFactory
+) -> None:
+    """libvirtd restarted mid-job (an upgrade): QEMU and the job go on, and so does the
+    command, once, on stderr, saying so; it then concludes the job as usual."""
+    chain = chain_factory(layers=3, size=64 * MiB, pattern="spread", data_bytes=16 * MiB)
+    domain = domain_factory(chain)
+    uri = libvirtd_running.uri
+    exe = shutil.which("blockpull") or f"{sys.prefix}/bin/blockpull"
+    pull = subprocess.Popen(
+        [exe, "pull", "-c", uri, domain.name, "vda", "--bandwidth", "2Mi", "-q"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not json.loads(blockpull("jobs", "-c", uri, domain.name, "-o", "json").stdout)["jobs"]:
+            assert pull.poll() is None and time.monotonic() < deadline, "the job never started"
+            time.sleep(0.1)
+        libvirtd_running.terminate()  # SIGTERM: the job and QEMU go on
+        time.sleep(2)  # the command meets the closed connection while the job runs
+        assert pull.poll() is None, pull.communicate()
+        libvirtd_running.start_libvirtd()
+        out, err = pull.communicate(timeout=120)
+    finally:
+        if pull.poll() is None:
+            pull.kill()
+            pull.communicate()
+    assert pull.returncode == EXIT_OK, err
+    assert err.count("the job goes on, waiting for it") == 1, err
+    assert "completed" in out, out
+    assert_flattened(domain, chain)
